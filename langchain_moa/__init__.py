@@ -1,0 +1,22 @@
+"""Mixture-of-Agents for LangChain and LangGraph.
+
+One engine (`MoAEngine`) behind several faces: the `ChatMoA` chat model, the LangGraph
+subgraph, the `MoAJudge` ensemble judge and the `moa` CLI.
+"""
+
+from langchain_moa.chat_model import ChatMoA
+from langchain_moa.engine import MoAEngine, Proposal
+from langchain_moa.errors import MoAError
+from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
+from langchain_moa.references import inject_references, text_only_history
+
+__all__ = [
+    "DEFAULT_AGGREGATOR_PROMPT",
+    "ChatMoA",
+    "MoAEngine",
+    "MoAError",
+    "Proposal",
+    "inject_references",
+    "text_only_history",
+]
+__version__ = "0.1.0"

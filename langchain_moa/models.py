@@ -1,0 +1,49 @@
+"""Turning user model specs into chat models, and naming them.
+
+A spec is either a `BaseChatModel` instance or a string understood by LangChain's
+`init_chat_model` (``"openai:gpt-4o-mini"``). Resolution errors become one-line
+`ValueError`s raised at construction, before any request is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel
+
+from langchain_moa.redaction import redact
+
+ModelSpec = BaseChatModel | str
+
+
+def resolve_model(spec: Any, *, role: str) -> BaseChatModel:
+    """Return a chat model for `spec`, or raise a `ValueError` that names `role`."""
+    if isinstance(spec, BaseChatModel):
+        return spec
+    if isinstance(spec, str):
+        if not spec.strip():
+            raise ValueError(f"{role}: empty model string; use e.g. 'openai:gpt-4o-mini'")
+        try:
+            from langchain.chat_models import init_chat_model
+        except ImportError as exc:  # pragma: no cover - langchain is a dependency
+            raise ValueError(f"{role}: model strings need the 'langchain' package") from exc
+        try:
+            return init_chat_model(spec)
+        except Exception as exc:  # provider-specific errors: unknown provider, missing key...
+            first_line = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ValueError(
+                f"{role}: cannot create model {spec!r}: {type(exc).__name__}: {first_line}"
+            ) from None
+    raise ValueError(
+        f"{role}: expected a BaseChatModel or a model string like 'openai:gpt-4o-mini', "
+        f"got {type(spec).__name__}"
+    )
+
+
+def model_label(model: BaseChatModel) -> str:
+    """A short human-readable name for a chat model (its model name when it has one)."""
+    for attr in ("model_name", "model", "model_id", "deployment_name"):
+        value = getattr(model, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return model._llm_type

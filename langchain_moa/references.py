@@ -1,0 +1,97 @@
+"""Reference injection: how earlier answers reach the next layer.
+
+This is the one place that builds the text an aggregator (or a later-layer proposer)
+sees. Layout: the instruction, then one line per answer, ``"\n{i}. {answer}"``. The text
+is appended (after a blank line) to a leading system message, or becomes a new leading
+system message. The caller's messages are never mutated: copies are returned.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+
+
+def references_text(instruction: str, answers: Sequence[str]) -> str:
+    """The instruction followed by the numbered answers, one per line."""
+    return instruction + "".join(f"\n{i}. {answer}" for i, answer in enumerate(answers, 1))
+
+
+def _append_text(content: str | list, suffix: str) -> str | list:
+    if isinstance(content, str):
+        return content + suffix
+    blocks = list(content)
+    if blocks and isinstance(blocks[-1], str):
+        blocks[-1] = blocks[-1] + suffix
+    elif blocks and isinstance(blocks[-1], dict) and blocks[-1].get("type") == "text":
+        blocks[-1] = {**blocks[-1], "text": blocks[-1]["text"] + suffix}
+    else:
+        blocks.append({"type": "text", "text": suffix})
+    return blocks
+
+
+def inject_references(
+    messages: Sequence[BaseMessage], answers: Sequence[str], instruction: str
+) -> list[BaseMessage]:
+    """Return a copy of `messages` whose system message carries the numbered answers."""
+    text = references_text(instruction, answers)
+    result = list(messages)
+    if result and isinstance(result[0], SystemMessage):
+        first = result[0]
+        result[0] = first.model_copy(update={"content": _append_text(first.content, "\n\n" + text)})
+    else:
+        result.insert(0, SystemMessage(content=text))
+    return result
+
+
+def _describe_tool_calls(message: AIMessage) -> str:
+    calls = "\n".join(
+        f"[called tool {call['name']} with arguments {json.dumps(call['args'], ensure_ascii=False)}]"
+        for call in message.tool_calls
+    )
+    text = message.text
+    return f"{text}\n{calls}".strip() if text else calls
+
+
+def _describe_tool_result(message: ToolMessage) -> str:
+    status = " (error)" if getattr(message, "status", "success") == "error" else ""
+    name = message.name or message.tool_call_id
+    return f"[result of tool {name}{status}]: {message.text}"
+
+
+def text_only_history(messages: Sequence[BaseMessage]) -> list[BaseMessage]:
+    """Rewrite tool calls and tool results as plain text for proposers.
+
+    Proposers are called without tools, and many providers reject tool-call turns or
+    tool-result messages when no tools are declared. So an assistant turn with tool
+    calls becomes an assistant text turn describing the calls, and consecutive tool
+    results become one user turn describing the results (keeping user/assistant
+    alternation intact). Messages without tool parts are passed through unchanged.
+    """
+    result: list[BaseMessage] = []
+    pending_results: list[str] = []
+
+    def flush() -> None:
+        if pending_results:
+            result.append(HumanMessage(content="\n".join(pending_results)))
+            pending_results.clear()
+
+    for message in messages:
+        if isinstance(message, ToolMessage):
+            pending_results.append(_describe_tool_result(message))
+            continue
+        flush()
+        if isinstance(message, AIMessage) and message.tool_calls:
+            result.append(AIMessage(content=_describe_tool_calls(message), name=message.name))
+        else:
+            result.append(message)
+    flush()
+    return result

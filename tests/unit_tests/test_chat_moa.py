@@ -1,0 +1,468 @@
+"""Unit tests of ChatMoA and its engine with in-process fake models.
+
+The expected requests are written out by hand from the structure in the project notes
+(instruction + "\\n{i}. {answer}" per answer, appended after a blank line to a leading
+system message or put first as a new system message), not computed with the code under
+test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Any
+from uuid import UUID
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.load import dumps
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.tools import tool
+
+from langchain_moa import ChatMoA, MoAError
+from langchain_moa.testing.fakes import ScriptedChatModel
+
+INSTR = "Combine these drafts."
+
+
+def proposer(name: str, reply: Any = None, **kw: Any) -> ScriptedChatModel:
+    return ScriptedChatModel(
+        model_name=name, reply=reply if reply is not None else f"{name} says hi", **kw
+    )
+
+
+def as_pairs(messages: list[BaseMessage]) -> list[tuple[str, Any]]:
+    return [(m.type, m.content) for m in messages]
+
+
+async def run(model: ChatMoA, conversation: Any, how: str) -> AIMessage:
+    """Call the model through one of its four public paths and return the final message."""
+    if how == "invoke":
+        return model.invoke(conversation)
+    if how == "ainvoke":
+        return await model.ainvoke(conversation)
+    if how == "stream":
+        chunks = list(model.stream(conversation))
+    else:
+        chunks = [c async for c in model.astream(conversation)]
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged = merged + chunk
+    return merged
+
+
+PATHS = ["invoke", "ainvoke", "stream", "astream"]
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_one_layer_is_the_aggregator_alone(how: str) -> None:
+    p = proposer("p")
+    agg = proposer("agg", "final")
+    moa = ChatMoA(proposers=[p], aggregator=agg, layers=1, aggregator_prompt=INSTR)
+    result = await run(moa, [HumanMessage("q")], how)
+    assert result.content == "final"
+    assert p.calls == []
+    assert as_pairs(agg.calls[0]) == [("human", "q")]
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_two_layers_without_system_message(how: str) -> None:
+    ps = [proposer("a", "  alpha \n"), proposer("b", "beta"), proposer("c", "gamma")]
+    agg = proposer("agg", "final answer")
+    moa = ChatMoA(proposers=ps, aggregator=agg, layers=2, aggregator_prompt=INSTR)
+    conversation = [HumanMessage("What is MoA?")]
+    result = await run(moa, conversation, how)
+
+    for p in ps:
+        assert len(p.calls) == 1
+        assert as_pairs(p.calls[0]) == [("human", "What is MoA?")]
+    assert len(agg.calls) == 1
+    assert as_pairs(agg.calls[0]) == [
+        ("system", "Combine these drafts.\n1. alpha\n2. beta\n3. gamma"),
+        ("human", "What is MoA?"),
+    ]
+    assert result.content == "final answer"
+    assert conversation == [HumanMessage("What is MoA?")]
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_two_layers_appends_to_existing_system_message(how: str) -> None:
+    ps = [proposer("a", "alpha"), proposer("b", "beta")]
+    agg = proposer("agg", "final")
+    moa = ChatMoA(proposers=ps, aggregator=agg, layers=2, aggregator_prompt=INSTR)
+    conversation = [SystemMessage("Be brief."), HumanMessage("q")]
+    await run(moa, conversation, how)
+    for p in ps:
+        assert as_pairs(p.calls[0]) == [("system", "Be brief."), ("human", "q")]
+    assert as_pairs(agg.calls[0]) == [
+        ("system", "Be brief.\n\nCombine these drafts.\n1. alpha\n2. beta"),
+        ("human", "q"),
+    ]
+    # the caller's objects are untouched
+    assert conversation[0].content == "Be brief."
+
+
+def layered_reply(name: str):
+    """Answer differently per layer: layer 1 sees no references, layer 2 does."""
+
+    def reply(messages: list[BaseMessage]) -> str:
+        has_refs = any(isinstance(m, SystemMessage) and INSTR in m.text for m in messages)
+        return f"{name}-L2" if has_refs else f"{name}-L1"
+
+    return reply
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_three_layers_inject_only_the_previous_layer(how: str) -> None:
+    ps = [proposer("a", layered_reply("a")), proposer("b", layered_reply("b"))]
+    agg = proposer("agg", "final")
+    moa = ChatMoA(proposers=ps, aggregator=agg, layers=3, aggregator_prompt=INSTR)
+    conversation = [
+        SystemMessage("sys"),
+        HumanMessage("first question"),
+        AIMessage("earlier final answer"),
+        HumanMessage("follow-up"),
+    ]
+    await run(moa, conversation, how)
+    history = [("human", "first question"), ("ai", "earlier final answer"), ("human", "follow-up")]
+    for p in ps:
+        assert len(p.calls) == 2
+        assert as_pairs(p.calls[0]) == [("system", "sys"), *history]
+        assert as_pairs(p.calls[1]) == [
+            ("system", "sys\n\nCombine these drafts.\n1. a-L1\n2. b-L1"),
+            *history,
+        ]
+    assert as_pairs(agg.calls[0]) == [
+        ("system", "sys\n\nCombine these drafts.\n1. a-L2\n2. b-L2"),
+        *history,
+    ]
+
+
+async def test_repeated_calls_do_not_stack_system_prompts() -> None:
+    ps = [proposer("a", "alpha")]
+    agg = proposer("agg", "final")
+    moa = ChatMoA(proposers=ps, aggregator=agg, layers=2, aggregator_prompt=INSTR)
+    conversation = [SystemMessage("sys"), HumanMessage("q")]
+    moa.invoke(conversation)
+    await moa.ainvoke(conversation)
+    assert agg.calls[0] == agg.calls[1]
+    assert as_pairs(agg.calls[1])[0] == ("system", "sys\n\nCombine these drafts.\n1. alpha")
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke"])
+async def test_answers_in_proposer_order_not_completion_order(how: str) -> None:
+    ps = [proposer("slow", "slow", delay=0.3), proposer("fast", "fast", delay=0.0)]
+    agg = proposer("agg", "final")
+    moa = ChatMoA(proposers=ps, aggregator=agg, layers=2, aggregator_prompt=INSTR)
+    await run(moa, "q", how)
+    assert agg.calls[0][0].content == "Combine these drafts.\n1. slow\n2. fast"
+
+
+def test_braces_in_answers_are_kept_verbatim() -> None:
+    ps = [proposer("a", "use {x} and {{y}}")]
+    agg = proposer("agg", lambda msgs: msgs[0].text)
+    moa = ChatMoA(proposers=ps, aggregator=agg, layers=2, aggregator_prompt=INSTR)
+    assert moa.invoke("q").content == "Combine these drafts.\n1. use {x} and {{y}}"
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_failed_and_empty_proposers_are_dropped_and_recorded(how: str) -> None:
+    ps = [
+        proposer("good", "fine"),
+        proposer("broken", fail_always=True, error=ConnectionError("server went away")),
+        proposer("silent", "   "),
+    ]
+    agg = proposer("agg", "final")
+    moa = ChatMoA(proposers=ps, aggregator=agg, layers=2, aggregator_prompt=INSTR)
+    result = await run(moa, "q", how)
+    assert agg.calls[0][0].content == "Combine these drafts.\n1. fine"
+    proposals = result.response_metadata["moa"]["layers"][0]["proposals"]
+    assert [p["model"] for p in proposals] == ["good", "broken", "silent"]
+    assert proposals[0]["error"] is None and proposals[0]["answer"] == "fine"
+    assert proposals[1]["error"] == "ConnectionError: server went away"
+    assert proposals[1]["answer"] is None
+    assert proposals[2]["error"] == "empty answer"
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke", "stream"])
+async def test_proposer_timeout_drops_the_slow_one(how: str) -> None:
+    ps = [proposer("quick", "quick"), proposer("sleepy", "late", delay=3.0)]
+    agg = proposer("agg", "final")
+    moa = ChatMoA(
+        proposers=ps, aggregator=agg, layers=2, aggregator_prompt=INSTR, proposer_timeout=0.3
+    )
+    started = time.perf_counter()
+    result = await run(moa, "q", how)
+    assert time.perf_counter() - started < 2.0
+    assert agg.calls[0][0].content == "Combine these drafts.\n1. quick"
+    sleepy = result.response_metadata["moa"]["layers"][0]["proposals"][1]
+    assert sleepy["error"].startswith("TimeoutError: no answer within 0.3 s")
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke", "stream", "astream"])
+async def test_quorum_failure_names_every_failed_proposer(how: str) -> None:
+    ps = [
+        proposer("ok", "fine"),
+        proposer("bad1", fail_always=True, error=ValueError("bad request")),
+        proposer("bad2", fail_always=True, error=TimeoutError("too slow")),
+    ]
+    agg = proposer("agg", "final")
+    moa = ChatMoA(proposers=ps, aggregator=agg, layers=2, min_proposers=2)
+    with pytest.raises(MoAError) as info:
+        await run(moa, "q", how)
+    text = str(info.value)
+    assert "only 1 of 3 proposers answered in layer 1 (min_proposers=2)" in text
+    assert "proposer 1 (bad1): ValueError: bad request" in text
+    assert "proposer 2 (bad2): TimeoutError: too slow" in text
+    assert [f.model for f in info.value.failures] == ["bad1", "bad2"]
+    assert agg.calls == []
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke", "stream", "astream"])
+async def test_aggregator_failure_raises_instead_of_returning_a_draft(how: str) -> None:
+    ps = [proposer("a", "draft")]
+    agg = proposer("agg", fail_always=True, error=RuntimeError("aggregator down"))
+    moa = ChatMoA(proposers=ps, aggregator=agg, layers=2)
+    with pytest.raises(RuntimeError, match="aggregator down"):
+        await run(moa, "q", how)
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_usage_is_summed_over_every_call(how: str) -> None:
+    ps = [proposer(n, input_tokens=10, output_tokens=5) for n in "abc"]
+    agg = proposer("agg", "final", input_tokens=100, output_tokens=7)
+    moa = ChatMoA(proposers=ps, aggregator=agg, layers=3)
+    result = await run(moa, "q", how)
+    # 2 proposer layers x 3 proposers x (10 + 5) + aggregator (100 + 7)
+    assert result.usage_metadata == {
+        "input_tokens": 60 + 100,
+        "output_tokens": 30 + 7,
+        "total_tokens": 90 + 107,
+    }
+    meta = result.response_metadata["moa"]
+    assert meta["aggregator"]["usage"]["total_tokens"] == 107
+    assert all(
+        p["usage"]["total_tokens"] == 15 for layer in meta["layers"] for p in layer["proposals"]
+    )
+    assert result.response_metadata["model_name"] == "agg"
+    assert all(p["latency_s"] >= 0 for layer in meta["layers"] for p in layer["proposals"])
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke"])
+async def test_proposers_of_a_layer_run_concurrently(how: str) -> None:
+    ps = [proposer(n, delay=0.4) for n in "abcd"]
+    moa = ChatMoA(proposers=ps, aggregator=proposer("agg"), layers=2)
+    started = time.perf_counter()
+    await run(moa, "q", how)
+    # four 0.4 s proposers one after another would take 1.6 s
+    assert time.perf_counter() - started < 1.0
+
+
+def test_stream_yields_aggregator_tokens_then_a_closing_chunk() -> None:
+    ps = [proposer("a", "draft")]
+    agg = proposer("agg", "one two three")
+    moa = ChatMoA(proposers=ps, aggregator=agg, layers=2)
+    chunks = list(moa.stream("q"))
+    texts = [c.content for c in chunks]
+    assert texts[:3] == ["one ", "two ", "three"]
+    assert chunks[-1].chunk_position == "last"
+    assert len({c.id for c in chunks}) == 1
+    merged = chunks[0]
+    for c in chunks[1:]:
+        merged += c
+    assert merged.content == "one two three"
+    assert merged.response_metadata["model_name"] == "agg"
+    assert merged.response_metadata["moa"]["layers"][0]["proposals"][0]["answer"] == "draft"
+
+
+def test_sync_path_does_not_start_event_loops() -> None:
+    """Sync calls must work while an event loop is *not* running and leave none behind."""
+    ps = [proposer("a", "x"), proposer("b", "y")]
+    moa = ChatMoA(proposers=ps, aggregator=proposer("agg", "z"), layers=2)
+    before = asyncio.get_event_loop_policy()
+    assert moa.invoke("q").content == "z"
+    assert asyncio.get_event_loop_policy() is before
+    with pytest.raises(RuntimeError):
+        asyncio.get_running_loop()
+
+
+# ------------------------------------------------------------------ configuration
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layers": 0}, "layers must be an integer >= 1"),
+        ({"layers": 2, "proposers": []}, "layers=2 needs at least one proposer"),
+        ({"min_proposers": 3}, "min_proposers=3 is more than the 2 proposers given"),
+        ({"min_proposers": 0}, "min_proposers must be an integer >= 1"),
+        ({"proposer_timeout": -1}, "proposer_timeout must be a positive number"),
+        ({"proposers": ["nosuchprovider:model-x"]}, "proposers[0]: cannot create model"),
+        ({"aggregator": 42}, "aggregator: expected a BaseChatModel"),
+    ],
+)
+def test_bad_configuration_is_a_clear_value_error(kwargs: dict, message: str) -> None:
+    base: dict[str, Any] = {
+        "proposers": [proposer("a"), proposer("b")],
+        "aggregator": proposer("agg"),
+    }
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ChatMoA(**base)
+
+
+def test_single_layer_needs_no_proposers() -> None:
+    moa = ChatMoA(aggregator=proposer("agg", "solo"), layers=1)
+    assert moa.invoke("q").content == "solo"
+
+
+async def test_empty_conversation_raises_at_call() -> None:
+    moa = ChatMoA(proposers=[proposer("a")], aggregator=proposer("agg"))
+    with pytest.raises(ValueError, match="empty conversation"):
+        moa.invoke([])
+    with pytest.raises(ValueError, match="empty conversation"):
+        await moa.ainvoke([])
+
+
+# ------------------------------------------------------------------------- tools
+
+
+@tool
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers."""
+    return a * b
+
+
+def test_bind_tools_reaches_the_aggregator_only() -> None:
+    ps = [proposer("a", "draft")]
+    call = {"name": "multiply", "args": {"a": 6, "b": 7}, "id": "call_1", "type": "tool_call"}
+    agg = proposer("agg", "", tool_calls=[call])
+    moa = ChatMoA(proposers=ps, aggregator=agg, layers=2)
+    result = moa.bind_tools([multiply], tool_choice="multiply").invoke("6 times 7?")
+    assert result.tool_calls == [call]
+    assert "tools" not in ps[0].call_kwargs[0]
+    tools = agg.call_kwargs[0]["tools"]
+    assert tools[0]["function"]["name"] == "multiply"
+    assert agg.call_kwargs[0]["tool_choice"] == "multiply"
+
+
+def test_streamed_tool_calls_are_assembled() -> None:
+    call = {"name": "multiply", "args": {"a": 6, "b": 7}, "id": "call_1", "type": "tool_call"}
+    moa = ChatMoA(proposers=[proposer("a")], aggregator=proposer("agg", "", tool_calls=[call]))
+    chunks = list(moa.bind_tools([multiply]).stream("6 times 7?"))
+    merged = chunks[0]
+    for c in chunks[1:]:
+        merged += c
+    assert merged.tool_calls == [call]
+
+
+def test_tool_history_reaches_proposers_as_text_and_aggregator_verbatim() -> None:
+    ps = [proposer("a", "draft")]
+    agg = proposer("agg", "It is 42.")
+    moa = ChatMoA(proposers=ps, aggregator=agg, layers=2, aggregator_prompt=INSTR)
+    history = [
+        HumanMessage("6 times 7?"),
+        AIMessage(
+            "",
+            tool_calls=[{"name": "multiply", "args": {"a": 6, "b": 7}, "id": "c1"}],
+        ),
+        ToolMessage("42", tool_call_id="c1", name="multiply"),
+    ]
+    moa.bind_tools([multiply]).invoke(history)
+    sent = ps[0].calls[0]
+    assert as_pairs(sent) == [
+        ("human", "6 times 7?"),
+        ("ai", '[called tool multiply with arguments {"a": 6, "b": 7}]'),
+        ("human", "[result of tool multiply]: 42"),
+    ]
+    assert not any(isinstance(m, ToolMessage) for m in sent)
+    assert isinstance(agg.calls[0][3], ToolMessage)
+    assert agg.calls[0][2].tool_calls[0]["name"] == "multiply"
+
+
+def test_structured_output_goes_through_the_aggregator() -> None:
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        value: int
+
+    call = {"name": "Answer", "args": {"value": 42}, "id": "c1", "type": "tool_call"}
+    moa = ChatMoA(proposers=[proposer("a")], aggregator=proposer("agg", "", tool_calls=[call]))
+    assert moa.with_structured_output(Answer).invoke("q") == Answer(value=42)
+
+
+# ----------------------------------------------------------------------- tracing
+
+
+class RunRecorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.runs: dict[UUID, dict[str, Any]] = {}
+
+    def on_chat_model_start(
+        self,
+        serialized,
+        messages,
+        *,
+        run_id,
+        parent_run_id=None,
+        tags=None,
+        metadata=None,
+        **kwargs,
+    ) -> None:
+        self.runs[run_id] = {
+            "parent": parent_run_id,
+            "tags": tags or [],
+            "name": kwargs.get("name"),
+        }
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke"])
+async def test_proposer_and_aggregator_runs_are_children_of_the_moa_run(how: str) -> None:
+    recorder = RunRecorder()
+    moa = ChatMoA(proposers=[proposer("a"), proposer("b")], aggregator=proposer("agg"))
+    config = {"callbacks": [recorder]}
+    if how == "invoke":
+        moa.invoke("q", config)
+    else:
+        await moa.ainvoke("q", config)
+    roots = [rid for rid, r in recorder.runs.items() if r["parent"] is None]
+    assert len(roots) == 1
+    children = [r for r in recorder.runs.values() if r["parent"] == roots[0]]
+    assert len(children) == 3
+    proposer_runs = [r for r in children if "moa:proposer" in r["tags"]]
+    assert len(proposer_runs) == 2
+    assert all("nostream" in r["tags"] for r in children)
+
+
+# ----------------------------------------------------------------------- secrets
+
+
+def test_api_keys_never_leak() -> None:
+    from langchain_openai import ChatOpenAI
+
+    key = "sk-verysecretkey1234567890"
+    remote = ChatOpenAI(
+        model="gpt-4o-mini", api_key=key, base_url="http://127.0.0.1:9/v1", max_retries=0, timeout=2
+    )
+
+    def leak(messages: list[BaseMessage]) -> str:
+        raise RuntimeError(f"Incorrect API key provided: {key} rejected")
+
+    failing = proposer("leaky", leak)
+    moa = ChatMoA(proposers=[remote, failing, proposer("ok", "fine")], aggregator=proposer("agg"))
+    assert key not in repr(moa)
+    assert key not in dumps(moa)
+    result = moa.invoke("q")
+    assert key not in str(result.response_metadata)
+    strict = ChatMoA(proposers=[remote, failing], aggregator=proposer("agg"), min_proposers=2)
+    with pytest.raises(MoAError) as info:
+        strict.invoke("q")
+    assert key not in str(info.value)
+    assert "leaky" in str(info.value)
