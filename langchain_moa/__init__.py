@@ -6,7 +6,7 @@ subgraph, the `MoAJudge` ensemble judge and the `moa` CLI.
 
 from langchain_moa.chat_model import ChatMoA
 from langchain_moa.engine import MoAEngine, Proposal
-from langchain_moa.errors import MoAError
+from langchain_moa.errors import ConfigError, MoAError
 from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
 from langchain_moa.references import inject_references, text_only_history
 
@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_AGGREGATOR_PROMPT",
     "ChatMoA",
     "MoAEngine",
+    "ConfigError",
     "MoAError",
     "Proposal",
     "inject_references",

@@ -23,3 +23,11 @@ class MoAError(RuntimeError):
     def __init__(self, message: str, failures: list[Proposal] | None = None) -> None:
         super().__init__(message)
         self.failures: list[Proposal] = list(failures or [])
+
+
+class ConfigError(ValueError):
+    """A user-supplied setting is wrong (recipe, config file, missing API key, bad input file).
+
+    The message is one line naming what is wrong and how to fix it; the CLI prints it
+    without a traceback.
+    """
