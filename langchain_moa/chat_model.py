@@ -125,7 +125,7 @@ class ChatMoA(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
             ls_provider="moa",
-            ls_model_name=model_label(self.aggregator),
+            ls_model_name=str(kwargs.get("model") or model_label(self.aggregator)),
             ls_model_type="chat",
         )
         if stop:
