@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import time
+from contextvars import ContextVar, Token
+from uuid import UUID, uuid4
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -22,7 +24,7 @@ from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -156,20 +158,70 @@ class ChatMoA(BaseChatModel):
         """Config that makes proposer/aggregator calls child runs of this run.
 
         LLM run managers have no ``get_child``; build the same inheritable manager a
-        chain run would hand to its children.
+        chain run hands to its children. langchain-core does not pass the run manager
+        to ``_stream``/``_astream``, so on those paths the run id and config recorded
+        by the public entry points (see `_entered`) are used instead.
         """
-        if run_manager is None:
+        if run_manager is not None:
+            manager_cls = (
+                AsyncCallbackManager
+                if isinstance(run_manager, AsyncCallbackManagerForLLMRun)
+                else CallbackManager
+            )
+            manager = manager_cls(handlers=[], parent_run_id=run_manager.run_id)
+            manager.set_handlers(run_manager.inheritable_handlers)
+            manager.add_tags(run_manager.inheritable_tags)
+            manager.add_metadata(run_manager.inheritable_metadata)
+            return {"callbacks": manager}
+        active = _ACTIVE_RUN.get()
+        if active is None:
             return {}
-        manager_cls = (
-            AsyncCallbackManager
-            if isinstance(run_manager, AsyncCallbackManagerForLLMRun)
-            else CallbackManager
+        run_id, config = active
+        manager = CallbackManager.configure(
+            inheritable_callbacks=config.get("callbacks"),
+            inheritable_tags=config.get("tags"),
+            inheritable_metadata=config.get("metadata"),
         )
-        manager = manager_cls(handlers=[], parent_run_id=run_manager.run_id)
-        manager.set_handlers(run_manager.inheritable_handlers)
-        manager.add_tags(run_manager.inheritable_tags)
-        manager.add_metadata(run_manager.inheritable_metadata)
+        manager.parent_run_id = run_id
         return {"callbacks": manager}
+
+    # Public entry points: pin the run id so streaming paths can parent their child runs.
+    def invoke(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AIMessage:
+        config, token = _entered(config)
+        try:
+            return super().invoke(input, config, **kwargs)
+        finally:
+            _left(token)
+
+    async def ainvoke(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AIMessage:
+        config, token = _entered(config)
+        try:
+            return await super().ainvoke(input, config, **kwargs)
+        finally:
+            _left(token)
+
+    def stream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[AIMessageChunk]:
+        config, token = _entered(config)
+        try:
+            yield from super().stream(input, config, **kwargs)
+        finally:
+            _left(token)
+
+    async def astream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[AIMessageChunk]:
+        config, token = _entered(config)
+        try:
+            async for chunk in super().astream(input, config, **kwargs):
+                yield chunk
+        finally:
+            _left(token)
 
     # --------------------------------------------------------------------- sync
     def _generate(
@@ -258,6 +310,26 @@ class ChatMoA(BaseChatModel):
         yield ChatGenerationChunk(
             message=_closing_chunk(engine, layers, merged, time.perf_counter() - started)
         )
+
+
+_ACTIVE_RUN: ContextVar[tuple[UUID, RunnableConfig] | None] = ContextVar(
+    "langchain_moa_active_run", default=None
+)
+
+
+def _entered(config: RunnableConfig | None) -> tuple[RunnableConfig, Token]:
+    """Give this run a known id and remember (id, config) for the streaming paths."""
+    config = ensure_config(config)
+    if config.get("run_id") is None:
+        config = {**config, "run_id": uuid4()}
+    return config, _ACTIVE_RUN.set((config["run_id"], config))
+
+
+def _left(token: Token) -> None:
+    try:
+        _ACTIVE_RUN.reset(token)
+    except ValueError:  # a generator finalised in another context: nothing to restore
+        pass
 
 
 def _as_chunk(message: BaseMessage) -> AIMessageChunk:

@@ -423,15 +423,19 @@ class RunRecorder(BaseCallbackHandler):
         }
 
 
-@pytest.mark.parametrize("how", ["invoke", "ainvoke"])
+@pytest.mark.parametrize("how", PATHS)
 async def test_proposer_and_aggregator_runs_are_children_of_the_moa_run(how: str) -> None:
     recorder = RunRecorder()
     moa = ChatMoA(proposers=[proposer("a"), proposer("b")], aggregator=proposer("agg"))
     config = {"callbacks": [recorder]}
     if how == "invoke":
         moa.invoke("q", config)
-    else:
+    elif how == "ainvoke":
         await moa.ainvoke("q", config)
+    elif how == "stream":
+        list(moa.stream("q", config))
+    else:
+        [c async for c in moa.astream("q", config)]
     roots = [rid for rid, r in recorder.runs.items() if r["parent"] is None]
     assert len(roots) == 1
     children = [r for r in recorder.runs.values() if r["parent"] == roots[0]]
@@ -466,3 +470,65 @@ def test_api_keys_never_leak() -> None:
         strict.invoke("q")
     assert key not in str(info.value)
     assert "leaky" in str(info.value)
+
+
+# ------------------------------------------------------------- batch and events
+
+
+def test_batch_and_abatch_answer_every_input() -> None:
+    def echo(messages: list[BaseMessage]) -> str:
+        return f"draft for {messages[-1].text}"
+
+    agg = proposer("agg", lambda msgs: "final for " + msgs[-1].text)
+    moa = ChatMoA(proposers=[proposer("a", echo), proposer("b", echo)], aggregator=agg)
+    results = moa.batch(["one", "two", "three"])
+    assert [r.content for r in results] == ["final for one", "final for two", "final for three"]
+    results = asyncio.run(moa.abatch(["x", "y"]))
+    assert [r.content for r in results] == ["final for x", "final for y"]
+
+
+async def test_astream_events_show_proposers_as_nested_chat_model_runs() -> None:
+    moa = ChatMoA(
+        proposers=[proposer("a", "alpha"), proposer("b", "beta")],
+        aggregator=proposer("agg", "one two"),
+    )
+    events = [e async for e in moa.astream_events("q", version="v2")]
+    starts = [e for e in events if e["event"] == "on_chat_model_start"]
+    assert len(starts) == 4  # ChatMoA, two proposers, aggregator
+    assert sum("moa:proposer" in e["tags"] for e in starts) == 2
+    moa_run = starts[0]["run_id"]
+    top_stream = [
+        e["data"]["chunk"].content
+        for e in events
+        if e["event"] == "on_chat_model_stream" and e["run_id"] == moa_run
+    ]
+    assert "".join(top_stream) == "one two"
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke"])
+async def test_parent_graph_message_stream_shows_only_the_final_answer(how: str) -> None:
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    moa = ChatMoA(
+        proposers=[proposer("a", "DRAFT-A words"), proposer("b", "DRAFT-B words")],
+        aggregator=proposer("agg", "the final answer"),
+    )
+
+    def node(state: MessagesState) -> dict:
+        return {"messages": [moa.invoke(state["messages"])]}
+
+    async def anode(state: MessagesState) -> dict:
+        return {"messages": [await moa.ainvoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("moa", node if how == "invoke" else anode)
+    builder.add_edge(START, "moa")
+    graph = builder.compile()
+    inputs = {"messages": [HumanMessage("q")]}
+    if how == "invoke":
+        streamed = [chunk for chunk, _meta in graph.stream(inputs, stream_mode="messages")]
+    else:
+        streamed = [chunk async for chunk, _meta in graph.astream(inputs, stream_mode="messages")]
+    text = "".join(c.content for c in streamed if isinstance(c.content, str))
+    assert text == "the final answer"
+    assert "DRAFT" not in text
