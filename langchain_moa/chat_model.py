@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import time
-from contextvars import ContextVar, Token
-from uuid import UUID, uuid4
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextvars import ContextVar, Token
 from typing import Any
+from uuid import UUID, uuid4
 
 from langchain_core.callbacks import (
     AsyncCallbackManager,
