@@ -320,9 +320,9 @@ _ACTIVE_RUN: ContextVar[tuple[UUID, RunnableConfig] | None] = ContextVar(
 def _entered(config: RunnableConfig | None) -> tuple[RunnableConfig, Token]:
     """Give this run a known id and remember (id, config) for the streaming paths."""
     config = ensure_config(config)
-    if config.get("run_id") is None:
-        config = {**config, "run_id": uuid4()}
-    return config, _ACTIVE_RUN.set((config["run_id"], config))
+    run_id = config.get("run_id") or uuid4()
+    config = {**config, "run_id": run_id}
+    return config, _ACTIVE_RUN.set((run_id, config))
 
 
 def _left(token: Token) -> None:
