@@ -27,6 +27,19 @@ class TestChatMoAStandardUnit(ChatModelUnitTests):
         }
 
     @property
+    def init_from_env_params(self) -> tuple[dict, dict, dict]:
+        # Keys come from the environment through the member models, never from ChatMoA.
+        return (
+            {"OPENAI_API_KEY": "sk-from-env", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"},
+            {
+                "proposers": ["openai:proposer-a", "openai:proposer-b"],
+                "aggregator": "openai:aggregator",
+                "layers": 2,
+            },
+            {"layers": 2, "min_proposers": 1},
+        )
+
+    @property
     def has_tool_choice(self) -> bool:
         return True
 
