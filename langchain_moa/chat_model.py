@@ -7,9 +7,11 @@ class adapts it to LangChain's sync/async/streaming/tool-calling conventions.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from typing import Any
 from uuid import UUID, uuid4
@@ -20,16 +22,21 @@ from langchain_core.callbacks import (
     CallbackManager,
     CallbackManagerForLLMRun,
 )
+from langchain_core.callbacks.base import BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.tools import BaseTool
+from langchain_core.tracers._streaming import _StreamingCallbackHandler
+from langchain_core.tracers.base import BaseTracer
+from langchain_core.tracers.context import _configure_hooks
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from langchain_moa.engine import MoAEngine, final_response_metadata
+from langchain_moa.engine import MoAEngine, final_response_metadata, sum_usage
 from langchain_moa.models import model_label, resolve_model
 from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
 
@@ -161,6 +168,10 @@ class ChatMoA(BaseChatModel):
         chain run hands to its children. langchain-core does not pass the run manager
         to ``_stream``/``_astream``, so on those paths the run id and config recorded
         by the public entry points (see `_entered`) are used instead.
+
+        Children get the tracing and streaming handlers only (LangSmith, astream_events,
+        LangGraph): a plain callback handler sees ChatMoA as one model call whose usage
+        is already the total, so cost accounting never counts a token twice.
         """
         if run_manager is not None:
             manager_cls = (
@@ -169,7 +180,7 @@ class ChatMoA(BaseChatModel):
                 else CallbackManager
             )
             manager = manager_cls(handlers=[], parent_run_id=run_manager.run_id)
-            manager.set_handlers(run_manager.inheritable_handlers)
+            manager.set_handlers(_for_children(run_manager.inheritable_handlers))
             manager.add_tags(run_manager.inheritable_tags)
             manager.add_metadata(run_manager.inheritable_metadata)
             return {"callbacks": manager}
@@ -182,6 +193,7 @@ class ChatMoA(BaseChatModel):
             inheritable_tags=config.get("tags"),
             inheritable_metadata=config.get("metadata"),
         )
+        manager.set_handlers(_for_children(manager.handlers))
         manager.parent_run_id = run_id
         return {"callbacks": manager}
 
@@ -233,13 +245,14 @@ class ChatMoA(BaseChatModel):
     ) -> ChatResult:
         engine = self._engine
         config = self._child_config(run_manager)
-        layers = engine.propose(messages, config)
-        aggregator = engine.aggregator_runnable(stop=stop, **kwargs)
-        started = time.perf_counter()
-        aggregate = aggregator.invoke(
-            engine.aggregator_input(messages, layers[-1] if layers else None),
-            engine.aggregator_config(config),
-        )
+        with _child_context(config):
+            layers = engine.propose(messages, config)
+            aggregator = engine.aggregator_runnable(stop=stop, **kwargs)
+            started = time.perf_counter()
+            aggregate = aggregator.invoke(
+                engine.aggregator_input(messages, layers[-1] if layers else None),
+                engine.aggregator_config(config),
+            )
         message = engine.final_message(layers, aggregate, time.perf_counter() - started)
         return ChatResult(generations=[ChatGeneration(message=message)])
 
@@ -252,14 +265,20 @@ class ChatMoA(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         engine = self._engine
         config = self._child_config(run_manager)
-        layers = engine.propose(messages, config)
-        aggregator = engine.aggregator_runnable(stop=stop, **kwargs)
-        started = time.perf_counter()
+        # Child runs are configured when they start: proposers, and the aggregator
+        # stream's first step. Only those run with accounting handlers muted, not the
+        # caller's code between our yields.
+        with _child_context(config):
+            layers = engine.propose(messages, config)
+            aggregator = engine.aggregator_runnable(stop=stop, **kwargs)
+            started = time.perf_counter()
+            stream = aggregator.stream(
+                engine.aggregator_input(messages, layers[-1] if layers else None),
+                engine.aggregator_config(config),
+            )
+            first = next(stream, None)
         merged: AIMessageChunk | None = None
-        for chunk in aggregator.stream(
-            engine.aggregator_input(messages, layers[-1] if layers else None),
-            engine.aggregator_config(config),
-        ):
+        for chunk in itertools.chain([first] if first is not None else [], stream):
             piece = _as_chunk(chunk)
             merged = piece if merged is None else merged + piece
             yield ChatGenerationChunk(message=_forwarded(piece))
@@ -277,13 +296,14 @@ class ChatMoA(BaseChatModel):
     ) -> ChatResult:
         engine = self._engine
         config = self._child_config(run_manager)
-        layers = await engine.apropose(messages, config)
-        aggregator = engine.aggregator_runnable(stop=stop, **kwargs)
-        started = time.perf_counter()
-        aggregate = await aggregator.ainvoke(
-            engine.aggregator_input(messages, layers[-1] if layers else None),
-            engine.aggregator_config(config),
-        )
+        with _child_context(config):
+            layers = await engine.apropose(messages, config)
+            aggregator = engine.aggregator_runnable(stop=stop, **kwargs)
+            started = time.perf_counter()
+            aggregate = await aggregator.ainvoke(
+                engine.aggregator_input(messages, layers[-1] if layers else None),
+                engine.aggregator_config(config),
+            )
         message = engine.final_message(layers, aggregate, time.perf_counter() - started)
         return ChatResult(generations=[ChatGeneration(message=message)])
 
@@ -296,14 +316,21 @@ class ChatMoA(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         engine = self._engine
         config = self._child_config(run_manager)
-        layers = await engine.apropose(messages, config)
-        aggregator = engine.aggregator_runnable(stop=stop, **kwargs)
-        started = time.perf_counter()
+        with _child_context(config):  # see _stream
+            layers = await engine.apropose(messages, config)
+            aggregator = engine.aggregator_runnable(stop=stop, **kwargs)
+            started = time.perf_counter()
+            stream = aggregator.astream(
+                engine.aggregator_input(messages, layers[-1] if layers else None),
+                engine.aggregator_config(config),
+            )
+            first = await anext(stream, None)
         merged: AIMessageChunk | None = None
-        async for chunk in aggregator.astream(
-            engine.aggregator_input(messages, layers[-1] if layers else None),
-            engine.aggregator_config(config),
-        ):
+        if first is not None:
+            piece = _as_chunk(first)
+            merged = piece
+            yield ChatGenerationChunk(message=_forwarded(piece))
+        async for chunk in stream:
             piece = _as_chunk(chunk)
             merged = piece if merged is None else merged + piece
             yield ChatGenerationChunk(message=_forwarded(piece))
@@ -315,6 +342,38 @@ class ChatMoA(BaseChatModel):
 _ACTIVE_RUN: ContextVar[tuple[UUID, RunnableConfig] | None] = ContextVar(
     "langchain_moa_active_run", default=None
 )
+
+
+def _for_children(handlers: list[BaseCallbackHandler]) -> list[BaseCallbackHandler]:
+    return [h for h in handlers if isinstance(h, (BaseTracer, _StreamingCallbackHandler))]
+
+
+@contextmanager
+def _child_context(config: RunnableConfig) -> Iterator[None]:
+    """The context the proposer and aggregator calls start in.
+
+    - The ambient child config becomes ours: otherwise a parent chain's config (set in
+      a context variable) is merged back into child calls by `RunnableBinding`,
+      re-attaching handlers and parenting the calls to the chain instead of ChatMoA.
+    - Context-registered accounting handlers (e.g. `get_usage_metadata_callback`) are
+      hidden: they would add each child's usage on top of the ChatMoA run's total.
+      Tracers registered the same way stay active.
+    """
+    tokens: list[tuple[ContextVar, Token]] = [
+        (var_child_runnable_config, var_child_runnable_config.set(config))
+    ]
+    for var, _inheritable, _handler_class, _env_var in _configure_hooks:
+        value = var.get()
+        if value is not None and not isinstance(value, BaseTracer):
+            tokens.append((var, var.set(None)))
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            try:
+                var.reset(token)
+            except ValueError:  # generator finalised in another context
+                pass
 
 
 def _entered(config: RunnableConfig | None) -> tuple[RunnableConfig, Token]:
@@ -354,16 +413,16 @@ def _as_chunk(message: BaseMessage) -> AIMessageChunk:
 
 
 def _forwarded(chunk: AIMessageChunk) -> AIMessageChunk:
-    """Re-emit an aggregator chunk as a ChatMoA chunk (content, tool calls, usage only).
+    """Re-emit an aggregator chunk as a ChatMoA chunk (content and tool calls only).
 
-    Identity and response metadata are dropped here and restated once in the closing
-    chunk, so merging the stream yields one id and one `model_name`.
+    Identity, usage and response metadata are dropped here and stated once, in the
+    closing chunk, so merging the stream yields one id, one `model_name` and one
+    usage record (the total over every call).
     """
     return AIMessageChunk(
         content=chunk.content,
         tool_call_chunks=chunk.tool_call_chunks,
         additional_kwargs=chunk.additional_kwargs,
-        usage_metadata=chunk.usage_metadata,
     )
 
 
@@ -373,7 +432,7 @@ def _closing_chunk(
     merged: AIMessageChunk | None,
     latency_s: float,
 ) -> AIMessageChunk:
-    """The last chunk: proposers' usage, final response metadata, ``chunk_position='last'``."""
+    """The last chunk: total usage, final response metadata, ``chunk_position='last'``."""
     metadata = merged.response_metadata if merged is not None else {}
     model_name = str(metadata.get("model_name") or model_label(engine.aggregator))
     response_metadata = final_response_metadata(metadata)
@@ -383,7 +442,9 @@ def _closing_chunk(
     )
     return AIMessageChunk(
         content="",
-        usage_metadata=engine.proposer_usage(layers),
+        usage_metadata=sum_usage(
+            [engine.proposer_usage(layers), merged.usage_metadata if merged is not None else None]
+        ),
         response_metadata=response_metadata,
         chunk_position="last",
     )

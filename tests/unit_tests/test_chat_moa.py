@@ -12,10 +12,9 @@ import asyncio
 import re
 import time
 from typing import Any
-from uuid import UUID
 
 import pytest
-from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.callbacks import BaseCallbackHandler, get_usage_metadata_callback
 from langchain_core.load import dumps
 from langchain_core.messages import (
     AIMessage,
@@ -25,6 +24,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.tools import tool
+from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
 
 from langchain_moa import ChatMoA, MoAError
 from langchain_moa.testing.fakes import ScriptedChatModel
@@ -403,31 +403,17 @@ def test_structured_output_goes_through_the_aggregator() -> None:
 
 class RunRecorder(BaseCallbackHandler):
     def __init__(self) -> None:
-        self.runs: dict[UUID, dict[str, Any]] = {}
+        self.starts = 0
+        self.usage: list[Any] = []
 
-    def on_chat_model_start(
-        self,
-        serialized,
-        messages,
-        *,
-        run_id,
-        parent_run_id=None,
-        tags=None,
-        metadata=None,
-        **kwargs,
-    ) -> None:
-        self.runs[run_id] = {
-            "parent": parent_run_id,
-            "tags": tags or [],
-            "name": kwargs.get("name"),
-        }
+    def on_chat_model_start(self, serialized, messages, **kwargs) -> None:
+        self.starts += 1
+
+    def on_llm_end(self, response, **kwargs) -> None:
+        self.usage.append(response.generations[0][0].message.usage_metadata)
 
 
-@pytest.mark.parametrize("how", PATHS)
-async def test_proposer_and_aggregator_runs_are_children_of_the_moa_run(how: str) -> None:
-    recorder = RunRecorder()
-    moa = ChatMoA(proposers=[proposer("a"), proposer("b")], aggregator=proposer("agg"))
-    config = {"callbacks": [recorder]}
+async def call(moa: ChatMoA, how: str, config: dict) -> None:
     if how == "invoke":
         moa.invoke("q", config)
     elif how == "ainvoke":
@@ -436,13 +422,34 @@ async def test_proposer_and_aggregator_runs_are_children_of_the_moa_run(how: str
         list(moa.stream("q", config))
     else:
         [c async for c in moa.astream("q", config)]
-    roots = [rid for rid, r in recorder.runs.items() if r["parent"] is None]
-    assert len(roots) == 1
-    children = [r for r in recorder.runs.values() if r["parent"] == roots[0]]
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_proposer_and_aggregator_runs_are_traced_as_children(how: str) -> None:
+    collector = RunCollectorCallbackHandler()
+    moa = ChatMoA(proposers=[proposer("a"), proposer("b")], aggregator=proposer("agg"))
+    await call(moa, how, {"callbacks": [collector]})
+    assert len(collector.traced_runs) == 1
+    root = collector.traced_runs[0]
+    assert root.name == "ChatMoA"
+    children = root.child_runs
     assert len(children) == 3
-    proposer_runs = [r for r in children if "moa:proposer" in r["tags"]]
-    assert len(proposer_runs) == 2
-    assert all("nostream" in r["tags"] for r in children)
+    assert sum("moa:proposer" in (r.tags or []) for r in children) == 2
+    assert sum("moa:aggregator" in (r.tags or []) for r in children) == 1
+    assert all("nostream" in (r.tags or []) for r in children)
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_plain_handlers_and_usage_callbacks_count_each_token_once(how: str) -> None:
+    recorder = RunRecorder()
+    ps = [proposer("a", input_tokens=10, output_tokens=5), proposer("b")]
+    moa = ChatMoA(proposers=ps, aggregator=proposer("agg", input_tokens=20, output_tokens=3))
+    with get_usage_metadata_callback() as usage_cb:
+        await call(moa, how, {"callbacks": [recorder]})
+    assert recorder.starts == 1  # one model call from the caller's point of view
+    assert recorder.usage[0]["total_tokens"] == 15 + 15 + 23
+    totals = list(usage_cb.usage_metadata.values())
+    assert len(totals) == 1 and totals[0]["total_tokens"] == 15 + 15 + 23
 
 
 # ----------------------------------------------------------------------- secrets
