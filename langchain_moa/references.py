@@ -54,7 +54,8 @@ def inject_references(
 
 def _describe_tool_calls(message: AIMessage) -> str:
     calls = "\n".join(
-        f"[called tool {call['name']} with arguments {json.dumps(call['args'], ensure_ascii=False)}]"
+        f"[called tool {call['name']} with arguments "
+        f"{json.dumps(call['args'], ensure_ascii=False)}]"
         for call in message.tool_calls
     )
     text = message.text
