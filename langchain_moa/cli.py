@@ -58,7 +58,13 @@ def _draft_printer() -> Any:
             metadata = run.extra.get("metadata", {})
             generation = run.outputs["generations"][0][0]
             text = (generation.get("text") or "").strip()
-            model = run.extra.get("invocation_params", {}).get("model_name") or run.name
+            params = run.extra.get("invocation_params", {})
+            model = (
+                metadata.get("ls_model_name")
+                or params.get("model_name")
+                or params.get("model")
+                or run.name
+            )
             label = (
                 f"proposer {metadata.get('moa_proposer', 0) + 1} ({model}) "
                 f"[layer {metadata.get('moa_layer', 1)}]:"

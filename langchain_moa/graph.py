@@ -1,0 +1,560 @@
+"""Mixture-of-Agents as a LangGraph subgraph.
+
+`build_moa_graph` compiles a `StateGraph` whose nodes run the MoA algorithm through the
+same `MoAEngine` as `ChatMoA`: the engine decides what every request contains, calls the
+proposers, checks the quorum and builds the final message, so the graph sends exactly the
+requests `ChatMoA` sends for the same configuration. The graph adds what a graph is good
+at: one visible node per proposer call, per-proposer retry policies, conditional routing
+between layers, early stopping, checkpointed resumption and inspectable state.
+
+    START -> prepare -(Send x n)-> proposer -> collect -(Send x n)-> proposer ... -> aggregator -> END
+                    \\-> aggregator (layers=1)         \\-> quorum_failed (raises MoAError)
+
+- ``prepare`` checks the conversation (``messages`` at entry) and resets the ``moa_*`` keys,
+  so a thread that is invoked again (multi-turn with a checkpointer) starts a fresh MoA run.
+- ``proposer`` runs once per proposer of a layer (``Send``); drafts go to ``moa_proposals``,
+  never to ``messages``, and proposer runs carry the engine's ``nostream`` tag, so drafts
+  never show up in ``stream_mode="messages"``.
+- ``collect`` is the fan-in: it appends the layer to ``moa_layers``, totals usage and
+  records a quorum failure in ``moa_error``. The routing after it sends the next layer,
+  goes straight to the aggregator (last proposer layer, or early stop), or goes to
+  ``quorum_failed``, which raises the engine's `MoAError` naming every failed proposer.
+  The failure is raised by a node of its own so that, with a checkpointer, the failed
+  layer is still recorded in the state you inspect afterwards.
+- ``aggregator`` is the visible final step (its tokens stream): it writes exactly one
+  `AIMessage`, built by `MoAEngine.final_message`, so it carries the same
+  ``response_metadata["moa"]`` and summed ``usage_metadata`` as `ChatMoA`'s answer.
+
+Retries and dropped proposers (design choice): each proposer node has LangGraph
+`RetryPolicy` objects attached (``add_node(..., retry_policy=...)``), so LangGraph performs
+the retries with its own backoff and reports each attempt as a run. The node calls the
+engine with ``capture_errors=False`` and, when the call fails, decides with the *same*
+policies what happens: if the matching policy would retry and the current attempt
+(``runtime.execution_info.node_attempt``) is below its ``max_attempts``, it re-raises and
+LangGraph retries; otherwise (non-retryable error, or last attempt) it returns a failed
+`Proposal` built by the engine, so one bad proposer is dropped and recorded instead of
+failing the graph. A proposer that exceeds ``proposer_timeout`` is dropped at once, like in
+`ChatMoA`: the timeout is a latency budget for the layer, not a transient error. The
+default policy (`DEFAULT_RETRY_POLICY`) retries connection errors, provider timeouts,
+rate limits and 5xx, and never authentication, permission, not-found, bad-request,
+`ValueError` or `TypeError` (see `is_transient_error`). The aggregator node gets the same
+policy but never swallows errors: after its retries the graph fails (and, with a
+checkpointer, resumes at the aggregator without re-running the proposer layers).
+
+Sync and async: every node that calls a model has a sync and an async implementation
+(`RunnableCallable(func, afunc)`, as LangGraph's prebuilt agent does). On ``invoke`` the
+proposer tasks run concurrently in LangGraph's thread pool; on ``ainvoke`` they are
+concurrent tasks that ``await`` the engine's async calls.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal, TypedDict
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.runnables import RunnableConfig
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from langgraph._internal._runnable import RunnableCallable
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.errors import GraphBubbleUp
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Overwrite, RetryPolicy, Send
+
+from langchain_moa.engine import (
+    VISIBLE_AGGREGATOR_TAGS,
+    MoAEngine,
+    Proposal,
+    answers_of,
+)
+from langchain_moa.models import resolve_model
+from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
+
+__all__ = [
+    "DEFAULT_RETRY_POLICY",
+    "MoAInput",
+    "MoAState",
+    "ProposerTask",
+    "agreement",
+    "build_moa_graph",
+    "is_transient_error",
+    "merge_layer_proposals",
+    "normalize_answer",
+]
+
+
+# --------------------------------------------------------------------------- state
+
+
+def merge_layer_proposals(
+    current: list[Proposal] | None, update: list[Proposal] | None
+) -> list[Proposal]:
+    """Fan-in reducer for ``moa_proposals``: the current layer, in proposer order.
+
+    Proposer tasks finish in any order; sorting by proposer index here means the state
+    (and everything built from it) never depends on completion order. Proposals of an
+    older layer are dropped when the first proposal of a newer layer arrives, which is
+    the reset between layers; a later proposal for the same (layer, proposer) replaces
+    the earlier one.
+    """
+    merged: dict[tuple[int, int], Proposal] = {}
+    for proposal in [*(current or []), *(update or [])]:
+        merged[(proposal.layer, proposal.proposer)] = proposal
+    if not merged:
+        return []
+    latest = max(layer for layer, _ in merged)
+    return [merged[key] for key in sorted(merged) if key[0] == latest]
+
+
+class MoAInput(TypedDict):
+    """What the MoA graph reads: the conversation to answer."""
+
+    messages: Annotated[list[AnyMessage], add_messages]
+
+
+class MoAState(TypedDict):
+    """State of the MoA graph.
+
+    ``messages`` is the conversation at entry; the graph appends exactly one message to it,
+    the final answer. The ``moa_*`` keys describe the run in progress (reset on entry).
+    """
+
+    messages: Annotated[list[AnyMessage], add_messages]
+    moa_layer: int
+    """The proposer layer most recently completed (0 before the first)."""
+    moa_proposals: Annotated[list[Proposal], merge_layer_proposals]
+    """The current layer's proposals, in proposer order (failed ones included)."""
+    moa_layers: Annotated[list[list[Proposal]], operator.add]
+    """Every completed proposer layer, oldest first."""
+    moa_usage: UsageMetadata | None
+    """Tokens used so far: proposers, then (after the aggregator) the grand total."""
+    moa_error: str | None
+    """Why the run stopped (too few proposers answered), else None."""
+
+
+class ProposerTask(TypedDict):
+    """The payload of one ``Send("proposer", ...)``: one proposer, one layer."""
+
+    layer: int
+    index: int
+    messages: list[AnyMessage]
+
+
+# -------------------------------------------------------------------- early stop
+
+
+def normalize_answer(text: str) -> str:
+    """Casefold, collapse whitespace, strip trailing punctuation (for agreement checks)."""
+    collapsed = " ".join(text.casefold().split())
+    end = len(collapsed)
+    while end and (
+        collapsed[end - 1].isspace() or unicodedata.category(collapsed[end - 1]).startswith("P")
+    ):
+        end -= 1
+    return collapsed[:end]
+
+
+def agreement(answers: Sequence[str]) -> bool:
+    """True when at least two answers exist and all are equal after `normalize_answer`.
+
+    A single answer is not agreement: with one successful proposer there is nobody to
+    agree with, and skipping the refinement layers would be a guess.
+    """
+    return len(answers) >= 2 and len({normalize_answer(a) for a in answers}) == 1
+
+
+EarlyStop = Literal["agreement"] | Callable[[list[str]], bool] | None
+
+
+def _early_stop_predicate(early_stop: EarlyStop) -> Callable[[list[str]], bool] | None:
+    if early_stop is None:
+        return None
+    if early_stop == "agreement":
+        return agreement
+    if callable(early_stop):
+        return early_stop
+    raise ValueError(
+        f"early_stop must be None, 'agreement' or a function of the layer's answers, "
+        f"got {early_stop!r}"
+    )
+
+
+# ---------------------------------------------------------------------- retries
+
+_NOT_RETRIED_NAMES = frozenset(
+    {
+        "AuthenticationError",
+        "PermissionDeniedError",
+        "PermissionDenied",
+        "NotFoundError",
+        "NotFound",
+        "BadRequestError",
+        "UnprocessableEntityError",
+        "InvalidArgument",
+    }
+)
+_TRANSIENT_NAMES = frozenset(
+    {
+        # openai / anthropic / mistral style SDKs
+        "APIConnectionError",
+        "APITimeoutError",
+        "RateLimitError",
+        "InternalServerError",
+        "OverloadedError",
+        "ServiceUnavailableError",
+        # httpx transport errors (connect, read, write, pool timeouts, protocol hiccups)
+        "TransportError",
+        "TimeoutException",
+        # google api_core
+        "ServiceUnavailable",
+        "TooManyRequests",
+        "ResourceExhausted",
+        "DeadlineExceeded",
+    }
+)
+_TRANSIENT_STATUS = frozenset({408, 409, 425, 429})
+
+
+def _status_code(exc: BaseException) -> int | None:
+    for holder in (exc, getattr(exc, "response", None)):
+        status = getattr(holder, "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """Whether retrying the same request may succeed.
+
+    Retried: connection errors, timeouts raised by the client, rate limits (429), request
+    timeouts (408), conflicts (409) and server errors (5xx). Not retried: authentication,
+    permission, not-found and bad-request errors (other 4xx), `ValueError` and `TypeError`
+    (a malformed request fails the same way every time), and anything unrecognised.
+    Provider SDKs are recognised by HTTP status where they expose one, else by class name,
+    so no provider package has to be imported.
+    """
+    if isinstance(exc, (ValueError, TypeError)):
+        return False
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & _NOT_RETRIED_NAMES:
+        return False
+    status = _status_code(exc)
+    if status is not None:
+        return status >= 500 or status in _TRANSIENT_STATUS
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return bool(names & _TRANSIENT_NAMES)
+
+
+DEFAULT_RETRY_POLICY = RetryPolicy(max_attempts=3, retry_on=is_transient_error)
+"""Three attempts with LangGraph's default backoff, transient errors only."""
+
+
+def _policies(retry_policy: RetryPolicy | Sequence[RetryPolicy] | None) -> tuple[RetryPolicy, ...]:
+    if retry_policy is None:
+        return (DEFAULT_RETRY_POLICY,)
+    if isinstance(retry_policy, RetryPolicy):
+        return (retry_policy,)
+    policies = tuple(retry_policy)
+    if not all(isinstance(p, RetryPolicy) for p in policies):
+        raise ValueError("retry_policy must be a RetryPolicy, a sequence of them, or None")
+    return policies
+
+
+def _matches(policy: RetryPolicy, exc: Exception) -> bool:
+    """LangGraph's rule for whether `policy` applies to `exc` (first match wins)."""
+    retry_on = policy.retry_on
+    if isinstance(retry_on, Sequence):
+        return isinstance(exc, tuple(retry_on))
+    if isinstance(retry_on, type) and issubclass(retry_on, Exception):
+        return isinstance(exc, retry_on)
+    if callable(retry_on):
+        return bool(retry_on(exc))
+    raise TypeError("retry_on must be an exception class, a sequence of them or a callable")
+
+
+def _attempt(runtime: Any) -> int:
+    info = getattr(runtime, "execution_info", None)
+    return int(getattr(info, "node_attempt", 0) or 0)
+
+
+# ------------------------------------------------------------------------ nodes
+
+
+class _MoANodes:
+    """The node and routing functions, bound to one engine and graph configuration."""
+
+    def __init__(
+        self,
+        engine: MoAEngine,
+        early_stop: Callable[[list[str]], bool] | None,
+        policies: tuple[RetryPolicy, ...],
+        aggregator_kwargs: dict[str, Any],
+    ) -> None:
+        self.engine = engine
+        self.early_stop = early_stop
+        self.policies = policies
+        self.aggregator_kwargs = aggregator_kwargs
+
+    # ------------------------------------------------------------------ prepare
+    def prepare(self, state: MoAState) -> dict[str, Any]:
+        self.engine.check_conversation(state.get("messages") or [])
+        return {
+            "moa_layer": 0,
+            "moa_proposals": Overwrite([]),
+            "moa_layers": Overwrite([]),
+            "moa_usage": None,
+            "moa_error": None,
+        }
+
+    async def aprepare(self, state: MoAState) -> dict[str, Any]:
+        return self.prepare(state)
+
+    # ------------------------------------------------------------------ routing
+    def route(self, state: MoAState) -> str | list[Send]:
+        """Next proposer layer (one Send per proposer), the aggregator, or failure."""
+        if state.get("moa_error"):
+            return "quorum_failed"
+        layers = state.get("moa_layers") or []
+        if len(layers) >= self.engine.proposer_layers:
+            return "aggregator"
+        previous = layers[-1] if layers else None
+        if previous is not None and self.early_stop is not None:
+            if self.early_stop(answers_of(previous)):
+                return "aggregator"
+        messages = self.engine.proposer_input(state["messages"], previous)
+        layer = len(layers) + 1
+        return [
+            Send("proposer", ProposerTask(layer=layer, index=i, messages=messages))
+            for i in range(len(self.engine.proposers))
+        ]
+
+    # ---------------------------------------------------------------- proposers
+    def _failed(
+        self, exc: Exception, layer: int, index: int, started: float, runtime: Any
+    ) -> Proposal | None:
+        """The failed proposal to record, or None when LangGraph should retry."""
+        engine = self.engine
+        timeout_text = engine._timeout_text() if engine.proposer_timeout is not None else None
+        if timeout_text is not None and isinstance(exc, TimeoutError):
+            # The engine's own budget: asyncio.wait_for raises a bare TimeoutError,
+            # the threaded path raises TimeoutError(timeout text).
+            if str(exc) in ("", timeout_text):
+                return engine._proposal(layer, index, started, error=timeout_text)
+        policy = next((p for p in self.policies if _matches(p, exc)), None)
+        if policy is not None and _attempt(runtime) < policy.max_attempts:
+            return None
+        return engine._proposal(layer, index, started, error=engine._error_text(exc))
+
+    def proposer(self, task: ProposerTask, config: RunnableConfig, runtime: Any) -> dict:
+        layer, index = task["layer"], task["index"]
+        started = time.perf_counter()
+        try:
+            proposal = self.engine.run_layer(
+                layer, task["messages"], config, indices=[index], capture_errors=False
+            )[0]
+        except GraphBubbleUp:
+            raise
+        except Exception as exc:
+            failed = self._failed(exc, layer, index, started, runtime)
+            if failed is None:
+                raise
+            proposal = failed
+        return {"moa_proposals": [proposal]}
+
+    async def aproposer(self, task: ProposerTask, config: RunnableConfig, runtime: Any) -> dict:
+        layer, index = task["layer"], task["index"]
+        started = time.perf_counter()
+        try:
+            proposal = await self.engine.acall_proposer(
+                layer, index, task["messages"], config, capture_errors=False
+            )
+        except GraphBubbleUp:
+            raise
+        except Exception as exc:
+            failed = self._failed(exc, layer, index, started, runtime)
+            if failed is None:
+                raise
+            proposal = failed
+        return {"moa_proposals": [proposal]}
+
+    # ------------------------------------------------------------------ fan-in
+    def collect(self, state: MoAState) -> dict[str, Any]:
+        proposals = list(state.get("moa_proposals") or [])
+        layers = [*(state.get("moa_layers") or []), proposals]
+        update: dict[str, Any] = {
+            "moa_layer": proposals[0].layer if proposals else len(layers),
+            "moa_layers": [proposals],
+            "moa_usage": self.engine.proposer_usage(layers),
+        }
+        try:
+            self.engine.check_quorum(proposals)
+        except Exception as exc:  # MoAError: recorded here, raised by quorum_failed
+            update["moa_error"] = str(exc)
+        return update
+
+    async def acollect(self, state: MoAState) -> dict[str, Any]:
+        return self.collect(state)
+
+    def quorum_failed(self, state: MoAState) -> dict[str, Any]:
+        # Raises the engine's MoAError (message and `failures` name every failed proposer).
+        self.engine.check_quorum(list(state.get("moa_proposals") or []))
+        raise RuntimeError(state.get("moa_error") or "MoA quorum failed")  # pragma: no cover
+
+    async def aquorum_failed(self, state: MoAState) -> dict[str, Any]:
+        return self.quorum_failed(state)
+
+    # --------------------------------------------------------------- aggregator
+    def _aggregator_call(self, state: MoAState, config: RunnableConfig) -> tuple[Any, Any, Any]:
+        engine = self.engine
+        layers = state.get("moa_layers") or []
+        runnable = engine.aggregator_runnable(**self.aggregator_kwargs)
+        messages = engine.aggregator_input(state["messages"], layers[-1] if layers else None)
+        return runnable, messages, engine.aggregator_config(config)
+
+    def _finish(self, state: MoAState, aggregate: AIMessage, started: float) -> dict[str, Any]:
+        layers = state.get("moa_layers") or []
+        final = self.engine.final_message(layers, aggregate, time.perf_counter() - started)
+        # Same id as the streamed aggregator chunks: LangGraph's message stream then
+        # recognises the node output as the message it already streamed.
+        final.id = aggregate.id
+        return {"messages": [final], "moa_usage": final.usage_metadata}
+
+    def aggregator(self, state: MoAState, config: RunnableConfig) -> dict[str, Any]:
+        runnable, messages, child_config = self._aggregator_call(state, config)
+        started = time.perf_counter()
+        aggregate = runnable.invoke(messages, child_config)
+        return self._finish(state, aggregate, started)
+
+    async def aaggregator(self, state: MoAState, config: RunnableConfig) -> dict[str, Any]:
+        runnable, messages, child_config = self._aggregator_call(state, config)
+        started = time.perf_counter()
+        aggregate = await runnable.ainvoke(messages, child_config)
+        return self._finish(state, aggregate, started)
+
+
+# -------------------------------------------------------------------- building
+
+
+def _aggregator_kwargs(tools: Sequence[Any] | None, tool_choice: Any) -> dict[str, Any]:
+    """The same aggregator options `ChatMoA.bind_tools` produces (OpenAI tool format)."""
+    kwargs: dict[str, Any] = {}
+    if tools:
+        kwargs["tools"] = [convert_to_openai_tool(tool) for tool in tools]
+        if tool_choice is not None:
+            kwargs["tool_choice"] = tool_choice
+    elif tool_choice is not None:
+        raise ValueError("tool_choice needs tools=[...]")
+    return kwargs
+
+
+def build_moa_graph(
+    proposers: Sequence[BaseChatModel | str] | BaseChatModel | str | None = None,
+    aggregator: BaseChatModel | str | None = None,
+    *,
+    layers: int = 2,
+    aggregator_prompt: str = DEFAULT_AGGREGATOR_PROMPT,
+    proposer_timeout: float | None = None,
+    min_proposers: int = 1,
+    early_stop: EarlyStop = None,
+    retry_policy: RetryPolicy | Sequence[RetryPolicy] | None = None,
+    tools: Sequence[Any] | None = None,
+    tool_choice: Any = None,
+    checkpointer: BaseCheckpointSaver | bool | None = None,
+    interrupt_before: Sequence[str] | None = None,
+    interrupt_after: Sequence[str] | None = None,
+    name: str = "moa",
+) -> CompiledStateGraph:
+    """Compile the MoA graph; add it as a node of a `MessagesState` graph or run it alone.
+
+    Args:
+        proposers: proposer models (instances or `init_chat_model` strings).
+        aggregator: the model writing the final answer (instance or string).
+        layers: total layers including the aggregation; 1 = the aggregator alone.
+        aggregator_prompt: instruction placed before the numbered answers.
+        proposer_timeout: seconds per proposer call; a slower proposer is dropped.
+        min_proposers: a layer with fewer successful answers fails with `MoAError`.
+        early_stop: ``"agreement"`` (skip the remaining proposer layers when every
+            successful answer of a layer is the same after normalisation) or a function
+            of the layer's successful answers (proposer order) returning True to stop.
+        retry_policy: policies for proposer and aggregator nodes; None means
+            `DEFAULT_RETRY_POLICY` (transient errors, 3 attempts). Pass
+            ``RetryPolicy(max_attempts=1)`` to disable retries.
+        tools, tool_choice: tools bound to the aggregator (proposers answer in text), so
+            the final message can carry tool calls; pair with a `ToolNode` in the parent.
+        checkpointer: as for `StateGraph.compile`; None inherits the parent's.
+        interrupt_before, interrupt_after: node names, as for `StateGraph.compile`.
+        name: the compiled graph's name.
+
+    The configuration is validated by `MoAEngine` (one-line `ValueError`s).
+    """
+    if aggregator is None:
+        raise ValueError("aggregator is required: pass a chat model or a model string")
+    if proposers is None:
+        proposers = []
+    elif isinstance(proposers, (str, BaseChatModel)):
+        proposers = [proposers]
+    engine = MoAEngine(
+        proposers=tuple(
+            resolve_model(spec, role=f"proposers[{i}]") for i, spec in enumerate(proposers)
+        ),
+        aggregator=resolve_model(aggregator, role="aggregator"),
+        layers=layers,
+        aggregator_prompt=aggregator_prompt,
+        proposer_timeout=proposer_timeout,
+        min_proposers=min_proposers,
+        aggregator_tags=VISIBLE_AGGREGATOR_TAGS,
+    )
+    nodes = _MoANodes(
+        engine,
+        _early_stop_predicate(early_stop),
+        _policies(retry_policy),
+        _aggregator_kwargs(tools, tool_choice),
+    )
+    policies = list(nodes.policies)
+
+    builder = StateGraph(MoAState, input_schema=MoAInput)
+    builder.add_node("prepare", RunnableCallable(nodes.prepare, nodes.aprepare, name="prepare"))
+    builder.add_node(
+        "proposer",
+        RunnableCallable(nodes.proposer, nodes.aproposer, name="proposer"),
+        retry_policy=policies,
+    )
+    builder.add_node("collect", RunnableCallable(nodes.collect, nodes.acollect, name="collect"))
+    builder.add_node(
+        "aggregator",
+        RunnableCallable(nodes.aggregator, nodes.aaggregator, name="aggregator"),
+        retry_policy=policies,
+    )
+    builder.add_node(
+        "quorum_failed",
+        RunnableCallable(nodes.quorum_failed, nodes.aquorum_failed, name="quorum_failed"),
+    )
+    builder.add_edge(START, "prepare")
+    builder.add_conditional_edges("prepare", nodes.route, ["proposer", "aggregator"])
+    builder.add_edge("proposer", "collect")
+    builder.add_conditional_edges(
+        "collect", nodes.route, ["proposer", "aggregator", "quorum_failed"]
+    )
+    builder.add_edge("aggregator", END)
+    builder.add_edge("quorum_failed", END)
+    graph = builder.compile(
+        checkpointer=checkpointer,
+        interrupt_before=list(interrupt_before) if interrupt_before else None,
+        interrupt_after=list(interrupt_after) if interrupt_after else None,
+        name=name,
+    )
+    graph.moa_engine = engine  # type: ignore[attr-defined]
+    return graph
+
+
+def proposer_messages(state: MoAState) -> list[BaseMessage]:  # pragma: no cover - helper
+    """The conversation the MoA run answers (``messages`` at entry, before the answer)."""
+    return list(state["messages"])
