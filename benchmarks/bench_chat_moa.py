@@ -176,10 +176,12 @@ def main() -> None:
     )
     print(
         f"| ainvoke | {async_results['ainvoke_s']:.3f} s | critical path "
-        f"{async_results['ainvoke_critical_path_s']:.3f} s | {results['ainvoke_ratio']:.3f} | <= 1.10 |"
+        f"{async_results['ainvoke_critical_path_s']:.3f} s | "
+        f"{results['ainvoke_ratio']:.3f} | <= 1.10 |"
     )
     print(
-        f"| abatch x{args.batch} (concurrency {args.concurrency}) | {async_results['abatch_s']:.3f} s"
+        f"| abatch x{args.batch} (concurrency {args.concurrency}) | "
+        f"{async_results['abatch_s']:.3f} s"
         f" | hand-written asyncio {async_results['hand_written_asyncio_s']:.3f} s | "
         f"{results['abatch_ratio']:.3f} | <= 1.15 |"
     )

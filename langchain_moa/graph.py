@@ -7,8 +7,10 @@ requests `ChatMoA` sends for the same configuration. The graph adds what a graph
 at: one visible node per proposer call, per-proposer retry policies, conditional routing
 between layers, early stopping, checkpointed resumption and inspectable state.
 
-    START -> prepare -(Send x n)-> proposer -> collect -(Send x n)-> proposer ... -> aggregator -> END
-                    \\-> aggregator (layers=1)         \\-> quorum_failed (raises MoAError)
+    START -> prepare -(Send x n)-> proposer -> collect -(Send x n)-> proposer ...
+    collect -> aggregator -> END    (last proposer layer done, or early stop)
+    collect -> quorum_failed        (raises MoAError)
+    prepare -> aggregator           (layers=1)
 
 - ``prepare`` checks the conversation (``messages`` at entry) and resets the ``moa_*`` keys,
   so a thread that is invoked again (multi-turn with a checkpointer) starts a fresh MoA run.
@@ -56,7 +58,7 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal, TypedDict
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AnyMessage, BaseMessage
+from langchain_core.messages import AIMessage, AnyMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.runnables import RunnableConfig
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -553,8 +555,3 @@ def build_moa_graph(
     )
     graph.moa_engine = engine  # type: ignore[attr-defined]
     return graph
-
-
-def proposer_messages(state: MoAState) -> list[BaseMessage]:  # pragma: no cover - helper
-    """The conversation the MoA run answers (``messages`` at entry, before the answer)."""
-    return list(state["messages"])
