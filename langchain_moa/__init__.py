@@ -7,6 +7,7 @@ subgraph, the `MoAJudge` ensemble judge and the `moa` CLI.
 from langchain_moa.chat_model import ChatMoA
 from langchain_moa.engine import MoAEngine, Proposal
 from langchain_moa.errors import ConfigError, MoAError
+from langchain_moa.graph import MoAState, build_moa_graph
 from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
 from langchain_moa.references import inject_references, text_only_history
 
@@ -16,7 +17,9 @@ __all__ = [
     "MoAEngine",
     "ConfigError",
     "MoAError",
+    "MoAState",
     "Proposal",
+    "build_moa_graph",
     "inject_references",
     "text_only_history",
 ]

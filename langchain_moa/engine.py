@@ -193,6 +193,26 @@ class MoAEngine:
             error=None if answer else "empty answer",
         )
 
+    def failed_proposal(
+        self, layer: int, index: int, started: float, exc: BaseException
+    ) -> Proposal:
+        """A failed `Proposal` for `exc` (redacted text; our own timeout gets its usual text)."""
+        if self.is_own_timeout(exc):
+            return self._proposal(layer, index, started, error=self._timeout_text())
+        return self._proposal(layer, index, started, error=self._error_text(exc))
+
+    def is_own_timeout(self, exc: BaseException) -> bool:
+        """True when `exc` is `proposer_timeout` expiring (not a provider's own timeout).
+
+        ``asyncio.wait_for`` raises a bare TimeoutError; the threaded path raises one
+        carrying the timeout text.
+        """
+        return (
+            self.proposer_timeout is not None
+            and isinstance(exc, (TimeoutError, asyncio.TimeoutError))
+            and str(exc) in ("", self._timeout_text())
+        )
+
     def _timeout_text(self) -> str:
         return f"TimeoutError: no answer within {self.proposer_timeout:g} s (proposer_timeout)"
 

@@ -76,6 +76,7 @@ from langchain_moa.engine import (
     Proposal,
     answers_of,
 )
+from langchain_moa.errors import MoAError
 from langchain_moa.models import resolve_model
 from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
 
@@ -344,16 +345,15 @@ class _MoANodes:
     ) -> Proposal | None:
         """The failed proposal to record, or None when LangGraph should retry."""
         engine = self.engine
-        timeout_text = engine._timeout_text() if engine.proposer_timeout is not None else None
-        if timeout_text is not None and isinstance(exc, TimeoutError):
-            # The engine's own budget: asyncio.wait_for raises a bare TimeoutError,
-            # the threaded path raises TimeoutError(timeout text).
-            if str(exc) in ("", timeout_text):
-                return engine._proposal(layer, index, started, error=timeout_text)
+        if engine.is_own_timeout(exc):  # the proposer's time budget is final: no retry
+            return engine.failed_proposal(layer, index, started, exc)
         policy = next((p for p in self.policies if _matches(p, exc)), None)
-        if policy is not None and _attempt(runtime) < policy.max_attempts:
+        attempt = _attempt(runtime)
+        # attempt 0: this LangGraph does not report attempts; record rather than risk
+        # LangGraph giving up with the error (which would fail the whole graph).
+        if policy is not None and 0 < attempt < policy.max_attempts:
             return None
-        return engine._proposal(layer, index, started, error=engine._error_text(exc))
+        return engine.failed_proposal(layer, index, started, exc)
 
     def proposer(self, task: ProposerTask, config: RunnableConfig, runtime: Any) -> dict:
         layer, index = task["layer"], task["index"]
@@ -398,7 +398,7 @@ class _MoANodes:
         }
         try:
             self.engine.check_quorum(proposals)
-        except Exception as exc:  # MoAError: recorded here, raised by quorum_failed
+        except MoAError as exc:  # recorded here, raised by the quorum_failed node
             update["moa_error"] = str(exc)
         return update
 
@@ -495,7 +495,9 @@ def build_moa_graph(
         interrupt_before, interrupt_after: node names, as for `StateGraph.compile`.
         name: the compiled graph's name.
 
-    The configuration is validated by `MoAEngine` (one-line `ValueError`s).
+    The configuration is validated by `MoAEngine` (one-line `ValueError`s). The compiled
+    graph's ``moa_engine`` attribute is that engine (with the visible aggregator tags: in
+    the graph the aggregator node is the final, streamed step).
     """
     if aggregator is None:
         raise ValueError("aggregator is required: pass a chat model or a model string")
