@@ -1,0 +1,450 @@
+"""`MoAJudge`: an ensemble of LLM judges (optionally MoA-aggregated) that ranks candidates.
+
+MoAA (arXiv 2505.03059) uses an MoA ensemble as the reward model that picks chosen/rejected
+pairs for DPO. Here every judge sees every pair of candidates (pairwise mode, MT-Bench style
+verdicts ``[[A]]``/``[[B]]``/``[[C]]``) or every candidate alone (pointwise, ``Rating: [[N]]``).
+
+Scoring, so results are easy to audit:
+
+- pairwise: a verdict gives the pair's candidates 1 / 0 / 0.5 points (win / loss / tie). With
+  ``swap=True`` each pair is judged in both orders and a judge's vote on the pair is the mean
+  of its two verdicts, so a judge that always prefers position A contributes a tie: position
+  bias cancels. A candidate's score is its *win rate*: the mean of its points over every
+  (pair, judge) vote it took part in. (Not Bradley-Terry: win rates need no fitting and stay
+  defined with few votes.)
+- pointwise: a candidate's score is the mean rating over the judges (1-10).
+- With ``aggregator=`` a model, the judges' full outputs are injected into the aggregator's
+  request as numbered references (the same `inject_references` the MoA engine uses) and the
+  aggregator's verdict/rating is the one that counts; the judges' own verdicts stay in
+  ``details`` for inspection.
+
+A judge whose answer fails or cannot be parsed is asked once more, then counted as an
+abstention (recorded). Ties are broken deterministically: ``chosen`` is the lowest index
+among the best scores, ``rejected`` the highest index among the worst, and ``details["ties"]``
+says when that happened. A rank with no usable verdict at all raises `JudgeError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
+from langchain_core.runnables.config import ContextThreadPoolExecutor
+
+from langchain_moa.engine import sum_usage
+from langchain_moa.errors import MoAError
+from langchain_moa.models import model_label, resolve_model
+from langchain_moa.redaction import redact
+from langchain_moa.references import inject_references
+
+Mode = Literal["pairwise", "pointwise"]
+
+PAIRWISE_INSTRUCTIONS = (
+    "You are a careful, impartial reviewer. Below are a user's request and two candidate "
+    "answers, A and B. Decide which answer serves the user better: weigh correctness first, "
+    "then helpfulness, completeness and clarity. Do not let the order of the answers, their "
+    "length or the names of assistants sway you. Give a short justification, then finish "
+    "with exactly one verdict on its own line: [[A]] if A is better, [[B]] if B is better, "
+    "or [[C]] if they are equally good."
+)
+POINTWISE_INSTRUCTIONS = (
+    "You are a careful, impartial reviewer. Below are a user's request and one candidate "
+    "answer. Judge how well the answer serves the user: correctness first, then helpfulness, "
+    "completeness and clarity; length alone earns nothing. Give a short justification, then "
+    "finish with your score from 1 (useless) to 10 (excellent) on its own line, written "
+    "exactly as: Rating: [[N]]"
+)
+AGGREGATOR_INSTRUCTIONS = (
+    "Other reviewers have already assessed this same comparison; their reviews are listed "
+    "below, numbered. Some may be wrong or biased. Check their reasoning against the answers "
+    "yourself and give your own final verdict in the required format."
+)
+CRITERIA_INSTRUCTIONS = (
+    "Write the criteria a strict expert would use to judge answers to the user request "
+    "below: 3 to 6 criteria, one per line, each a short phrase about the substance of a good "
+    "answer to this particular request. No numbering commentary, no preamble."
+)
+
+_PAIR_VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+_RATING = re.compile(r"rating\s*:?\s*\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", re.IGNORECASE)
+_BARE_RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
+_STYLE_ONLY = re.compile(
+    r"\b(length|lengthy|concise|concision|brevity|brief|short|word count|words?|format\w*|"
+    r"style|tone|grammar|spelling|markdown|bullet\w*|emoji\w*|politeness|polite)\b",
+    re.IGNORECASE,
+)
+_GENERIC_QUALITY = re.compile(
+    r"\b(accura\w*|correct\w*|factual\w*|helpful\w*|complete\w*|relevan\w*|clar\w*|"
+    r"reason\w*|logic\w*|safe\w*|depth|insight\w*|evidence|precis\w*|specific\w*|"
+    r"practical\w*|actionab\w*|coheren\w*|explain\w*|explanation)\b",
+    re.IGNORECASE,
+)
+_STOPWORDS = set(
+    "a an and are as at be but by can do does for from how i in is it me my of on or our "
+    "please should so than that the their them then there these this to was we what when "
+    "where which who why will with would you your about into give tell write make explain".split()
+)
+
+
+class JudgeError(MoAError):
+    """No judge produced a usable verdict for a rank."""
+
+
+def parse_pairwise(text: str) -> str | None:
+    """The last ``[[A]]``/``[[B]]``/``[[C]]`` in `text`, or None."""
+    found = _PAIR_VERDICT.findall(text or "")
+    return found[-1] if found else None
+
+
+def parse_rating(text: str) -> float | None:
+    """The last ``Rating: [[N]]`` (1-10) in `text` (a bare ``[[N]]`` as fallback), or None."""
+    found = _RATING.findall(text or "") or _BARE_RATING.findall(text or "")
+    if not found:
+        return None
+    value = float(found[-1])
+    return value if 1 <= value <= 10 else None
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 3 and w not in _STOPWORDS}
+
+
+def filter_criteria(candidates: Sequence[str], prompt: str) -> tuple[list[str], list[dict]]:
+    """Keep substantive, relevant, distinct criteria; return (kept, dropped-with-reason)."""
+    kept: list[str] = []
+    dropped: list[dict] = []
+    seen: set[str] = set()
+    prompt_words = _words(prompt)
+    for raw in candidates:
+        text = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*", "", raw).strip().rstrip(".")
+        if not text:
+            continue
+        key = " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+        if key in seen:
+            dropped.append({"criterion": text, "reason": "duplicate"})
+            continue
+        if _STYLE_ONLY.search(text) and not _GENERIC_QUALITY.search(text):
+            dropped.append({"criterion": text, "reason": "length or style only"})
+            continue
+        if not (_GENERIC_QUALITY.search(text) or (_words(text) & prompt_words)):
+            dropped.append({"criterion": text, "reason": "not relevant to the request"})
+            continue
+        seen.add(key)
+        kept.append(text)
+    return kept, dropped
+
+
+@dataclass
+class JudgeResult:
+    """The outcome of ranking candidates for one prompt."""
+
+    scores: list[float]
+    chosen: int
+    rejected: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Call:
+    """One judge request (a pair in one order, or one candidate)."""
+
+    judge: int  # index into judges; -1 = the aggregator
+    key: tuple  # ("pair", i, j, order) or ("point", i)
+    messages: list[BaseMessage]
+    raw: list[str] = field(default_factory=list)
+    parsed: Any = None
+    error: str | None = None
+    usage: list[Any] = field(default_factory=list)
+
+
+def _prompt_text(prompt: str | Sequence[BaseMessage] | Sequence[dict]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    lines = []
+    for m in prompt:
+        role = m.get("role") if isinstance(m, dict) else m.type
+        content = m.get("content") if isinstance(m, dict) else m.text
+        lines.append(f"{role}: {content}")
+    return "\n".join(lines)
+
+
+class MoAJudge:
+    """An ensemble judge that scores candidate answers to a prompt."""
+
+    def __init__(
+        self,
+        judges: Sequence[BaseChatModel | str],
+        aggregator: BaseChatModel | str | None = None,
+        mode: Mode = "pairwise",
+        swap: bool = True,
+        criteria: Sequence[str] | Literal["dynamic"] | None = None,
+        criteria_model: BaseChatModel | str | None = None,
+        max_concurrency: int | None = None,
+    ) -> None:
+        if not judges:
+            raise ValueError("MoAJudge needs at least one judge model: judges=[...]")
+        if mode not in ("pairwise", "pointwise"):
+            raise ValueError(f"mode must be 'pairwise' or 'pointwise', got {mode!r}")
+        if isinstance(criteria, str) and criteria != "dynamic":
+            raise ValueError("criteria must be a list of strings, 'dynamic' or None")
+        self.judges = [resolve_model(j, role=f"judges[{i}]") for i, j in enumerate(judges)]
+        self.aggregator = resolve_model(aggregator, role="aggregator") if aggregator else None
+        self.mode: Mode = mode
+        self.swap = swap
+        self.criteria = criteria
+        self.criteria_model = (
+            resolve_model(criteria_model, role="criteria_model")
+            if criteria_model
+            else (self.aggregator or self.judges[0])
+        )
+        self.max_concurrency = max_concurrency
+
+    def __repr__(self) -> str:
+        names = ", ".join(model_label(j) for j in self.judges)
+        agg = model_label(self.aggregator) if self.aggregator else None
+        return f"MoAJudge(judges=[{names}], aggregator={agg}, mode={self.mode!r}, swap={self.swap})"
+
+    # ---------------------------------------------------------------- requests
+    def _system(self, criteria: list[str]) -> str:
+        text = PAIRWISE_INSTRUCTIONS if self.mode == "pairwise" else POINTWISE_INSTRUCTIONS
+        if criteria:
+            text += "\n\nWeigh these criteria in particular:" + "".join(
+                f"\n- {c}" for c in criteria
+            )
+        return text
+
+    def _calls(self, prompt: str, candidates: Sequence[str], criteria: list[str]) -> list[_Call]:
+        system = self._system(criteria)
+        calls: list[_Call] = []
+        if self.mode == "pairwise":
+            for i, j in itertools.combinations(range(len(candidates)), 2):
+                orders = [(i, j, 0), (j, i, 1)] if self.swap else [(i, j, 0)]
+                for a, b, order in orders:
+                    body = (
+                        "[User request]\n" + prompt + "\n\n[Answer A]\n" + candidates[a]
+                        + "\n\n[Answer B]\n" + candidates[b]
+                    )  # fmt: skip
+                    for k in range(len(self.judges)):
+                        calls.append(
+                            _Call(
+                                k,
+                                ("pair", i, j, order),
+                                [SystemMessage(system), HumanMessage(body)],
+                            )
+                        )
+        else:
+            for i, candidate in enumerate(candidates):
+                body = "[User request]\n" + prompt + "\n\n[Answer]\n" + candidate
+                for k in range(len(self.judges)):
+                    calls.append(
+                        _Call(k, ("point", i), [SystemMessage(system), HumanMessage(body)])
+                    )
+        return calls
+
+    def _parse(self, text: str) -> Any:
+        return parse_pairwise(text) if self.mode == "pairwise" else parse_rating(text)
+
+    def _aggregator_calls(self, calls: list[_Call]) -> list[_Call]:
+        """One aggregator request per pair-order / candidate, judges' reviews injected."""
+        grouped: dict[tuple, list[_Call]] = {}
+        for call in calls:
+            grouped.setdefault(call.key, []).append(call)
+        result = []
+        for key, group in grouped.items():
+            reviews = [c.raw[-1].strip() for c in group if c.parsed is not None and c.raw]
+            if not reviews:
+                continue
+            messages = inject_references(group[0].messages, reviews, AGGREGATOR_INSTRUCTIONS)
+            result.append(_Call(-1, key, messages))
+        return result
+
+    # ----------------------------------------------------------------- running
+    def _model(self, call: _Call) -> BaseChatModel:
+        return self.aggregator if call.judge < 0 else self.judges[call.judge]  # type: ignore[return-value]
+
+    def _record(self, call: _Call, message: Any = None, exc: BaseException | None = None) -> bool:
+        """Store one attempt; True when the call is settled (usable, or asked twice)."""
+        if exc is not None:
+            call.raw.append("")
+            call.error = (
+                f"{type(exc).__name__}: {redact(str(exc)).splitlines()[0] if str(exc) else ''}"
+            )
+        else:
+            call.raw.append(message.text)
+            call.usage.append(message.usage_metadata)
+            call.parsed = self._parse(message.text)
+            call.error = None if call.parsed is not None else "unparseable verdict"
+        return call.parsed is not None or len(call.raw) >= 2
+
+    def _run_sync(self, calls: list[_Call]) -> None:
+        def work(call: _Call) -> None:
+            while True:
+                try:
+                    message = self._model(call).invoke(call.messages)
+                    settled = self._record(call, message)
+                except Exception as exc:
+                    settled = self._record(call, exc=exc)
+                if settled:
+                    return
+
+        if not calls:
+            return
+        workers = min(len(calls), self.max_concurrency or 32)
+        with ContextThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(work, calls))
+
+    async def _run_async(self, calls: list[_Call]) -> None:
+        gate = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency else None
+
+        async def work(call: _Call) -> None:
+            while True:
+                try:
+                    if gate:
+                        async with gate:
+                            message = await self._model(call).ainvoke(call.messages)
+                    else:
+                        message = await self._model(call).ainvoke(call.messages)
+                    settled = self._record(call, message)
+                except Exception as exc:
+                    settled = self._record(call, exc=exc)
+                if settled:
+                    return
+
+        await asyncio.gather(*(work(c) for c in calls))
+
+    # ---------------------------------------------------------------- criteria
+    def _criteria_request(self, prompt: str) -> list[BaseMessage]:
+        return [SystemMessage(CRITERIA_INSTRUCTIONS), HumanMessage("[User request]\n" + prompt)]
+
+    def _criteria_from(self, text: str, prompt: str) -> tuple[list[str], dict]:
+        proposed = [line for line in text.splitlines() if line.strip()]
+        kept, dropped = filter_criteria(proposed, prompt)
+        return kept, {"proposed": proposed, "kept": kept, "dropped": dropped}
+
+    def _static_criteria(self) -> list[str]:
+        return list(self.criteria) if isinstance(self.criteria, (list, tuple)) else []
+
+    # ----------------------------------------------------------------- scoring
+    def _validate(self, candidates: Sequence[str]) -> None:
+        if self.mode == "pairwise" and len(candidates) < 2:
+            raise ValueError("pairwise judging needs at least 2 candidates")
+        if not candidates:
+            raise ValueError("no candidates to judge")
+        for i, c in enumerate(candidates):
+            if not isinstance(c, str):
+                raise ValueError(f"candidate {i} must be a string, got {type(c).__name__}")
+
+    def _result(
+        self,
+        candidates: Sequence[str],
+        calls: list[_Call],
+        agg_calls: list[_Call],
+        criteria_info: dict,
+    ) -> JudgeResult:
+        deciding = agg_calls if self.aggregator is not None else calls
+        n = len(candidates)
+        points: list[list[float]] = [[] for _ in range(n)]
+        if self.mode == "pairwise":
+            votes: dict[tuple, list[float]] = {}  # (judge, i, j) -> points for i, per order
+            for call in deciding:
+                if call.parsed is None:
+                    continue
+                _, i, j, order = call.key
+                winner_first = {"A": 1.0, "B": 0.0, "C": 0.5}[call.parsed]
+                points_i = winner_first if order == 0 else 1.0 - winner_first
+                votes.setdefault((call.judge, i, j), []).append(points_i)
+            for (_judge, i, j), per_order in votes.items():
+                vote = sum(per_order) / len(per_order)
+                points[i].append(vote)
+                points[j].append(1.0 - vote)
+        else:
+            for call in deciding:
+                if call.parsed is not None:
+                    points[call.key[1]].append(float(call.parsed))
+        usable = sum(len(p) for p in points)
+        if usable == 0:
+            errors = sorted({c.error for c in deciding if c.error})
+            raise JudgeError(
+                f"no usable verdict from {len(self.judges)} judge(s) on {n} candidates: "
+                + ("; ".join(errors) or "no answers")
+            )
+        floor = 0.0
+        scores = [sum(p) / len(p) if p else floor for p in points]
+        best, worst = max(scores), min(scores)
+        chosen = min(i for i, s in enumerate(scores) if s == best)
+        rejected = max(i for i, s in enumerate(scores) if s == worst)
+        ties = {
+            "chosen_tied_with": [i for i, s in enumerate(scores) if s == best and i != chosen],
+            "rejected_tied_with": [i for i, s in enumerate(scores) if s == worst and i != rejected],
+            "all_equal": best == worst,
+        }
+
+        def describe(call: _Call) -> dict[str, Any]:
+            judge = "aggregator" if call.judge < 0 else call.judge
+            model = model_label(self._model(call))
+            return {
+                "judge": judge, "model": model, "key": list(call.key), "verdict": call.parsed,
+                "raw": call.raw, "attempts": len(call.raw), "error": call.error,
+                "abstained": call.parsed is None,
+            }  # fmt: skip
+
+        everything = calls + agg_calls
+        return JudgeResult(
+            scores=scores,
+            chosen=chosen,
+            rejected=rejected,
+            details={
+                "mode": self.mode,
+                "swap": self.swap,
+                "scoring": "win rate" if self.mode == "pairwise" else "mean rating",
+                "votes_per_candidate": [len(p) for p in points],
+                "verdicts": [describe(c) for c in calls],
+                "aggregator_verdicts": [describe(c) for c in agg_calls],
+                "abstentions": sum(c.parsed is None for c in everything),
+                "reasked": sum(len(c.raw) > 1 for c in everything),
+                "ties": ties,
+                "criteria": criteria_info,
+                "usage": sum_usage([u for c in everything for u in c.usage]),
+            },
+        )
+
+    # --------------------------------------------------------------- public API
+    def rank(self, prompt: str | Sequence[Any], candidates: Sequence[str]) -> JudgeResult:
+        """Score `candidates` for `prompt` (sync; judge calls run concurrently in threads)."""
+        self._validate(candidates)
+        text = _prompt_text(prompt)
+        criteria, info = self._static_criteria(), {"given": self._static_criteria()}
+        if self.criteria == "dynamic":
+            reply = self.criteria_model.invoke(self._criteria_request(text))
+            criteria, info = self._criteria_from(reply.text, text)
+        calls = self._calls(text, candidates, criteria)
+        self._run_sync(calls)
+        agg_calls = self._aggregator_calls(calls) if self.aggregator is not None else []
+        self._run_sync(agg_calls)
+        return self._result(candidates, calls, agg_calls, info)
+
+    async def arank(self, prompt: str | Sequence[Any], candidates: Sequence[str]) -> JudgeResult:
+        """Async `rank`: judge calls run concurrently as asyncio tasks."""
+        self._validate(candidates)
+        text = _prompt_text(prompt)
+        criteria, info = self._static_criteria(), {"given": self._static_criteria()}
+        if self.criteria == "dynamic":
+            reply = await self.criteria_model.ainvoke(self._criteria_request(text))
+            criteria, info = self._criteria_from(reply.text, text)
+        calls = self._calls(text, candidates, criteria)
+        await self._run_async(calls)
+        agg_calls = self._aggregator_calls(calls) if self.aggregator is not None else []
+        await self._run_async(agg_calls)
+        return self._result(candidates, calls, agg_calls, info)
+
+    def rank_batch(self, items: Sequence[tuple[Any, Sequence[str]]]) -> list[JudgeResult]:
+        return [self.rank(prompt, candidates) for prompt, candidates in items]
+
+    async def arank_batch(self, items: Sequence[tuple[Any, Sequence[str]]]) -> list[JudgeResult]:
+        return list(await asyncio.gather(*(self.arank(p, c) for p, c in items)))
