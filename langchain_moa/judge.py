@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
+from langchain_core.runnables import Runnable
 from langchain_core.runnables.config import ContextThreadPoolExecutor
 
 from langchain_moa.engine import sum_usage
@@ -70,6 +71,14 @@ CRITERIA_INSTRUCTIONS = (
     "below: 3 to 6 criteria, one per line, each a short phrase about the substance of a good "
     "answer to this particular request. No numbering commentary, no preamble."
 )
+
+#: GBNF grammars that force a short justification followed by the verdict. llama.cpp
+#: servers (including the embedded one) accept them as ``extra_body={"grammar": ...}``;
+#: they make even a 135M model produce parseable verdicts.
+VERDICT_GRAMMARS = {
+    "pairwise": 'root ::= reason "\\n[[" [ABC] "]]"\nreason ::= [^\\n\\[]{10,300}',
+    "pointwise": 'root ::= reason "\\nRating: [[" ([1-9] | "10") "]]"\nreason ::= [^\\n\\[]{10,300}',
+}
 
 _PAIR_VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 _RATING = re.compile(r"rating\s*:?\s*\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", re.IGNORECASE)
@@ -174,6 +183,13 @@ def _prompt_text(prompt: str | Sequence[BaseMessage] | Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _as_model(spec: Any, role: str) -> Any:
+    """Chat models, bound chat models (``model.bind(...)``) or init_chat_model strings."""
+    if isinstance(spec, Runnable) and not isinstance(spec, BaseChatModel):
+        return spec
+    return resolve_model(spec, role=role)
+
+
 class MoAJudge:
     """An ensemble judge that scores candidate answers to a prompt."""
 
@@ -186,24 +202,28 @@ class MoAJudge:
         criteria: Sequence[str] | Literal["dynamic"] | None = None,
         criteria_model: BaseChatModel | str | None = None,
         max_concurrency: int | None = None,
+        grammar: bool = False,
     ) -> None:
+        """`grammar=True` constrains every judge answer with `VERDICT_GRAMMARS` (llama.cpp
+        servers only, e.g. the embedded local model)."""
         if not judges:
             raise ValueError("MoAJudge needs at least one judge model: judges=[...]")
         if mode not in ("pairwise", "pointwise"):
             raise ValueError(f"mode must be 'pairwise' or 'pointwise', got {mode!r}")
         if isinstance(criteria, str) and criteria != "dynamic":
             raise ValueError("criteria must be a list of strings, 'dynamic' or None")
-        self.judges = [resolve_model(j, role=f"judges[{i}]") for i, j in enumerate(judges)]
-        self.aggregator = resolve_model(aggregator, role="aggregator") if aggregator else None
+        self.judges = [_as_model(j, f"judges[{i}]") for i, j in enumerate(judges)]
+        self.aggregator = _as_model(aggregator, "aggregator") if aggregator else None
         self.mode: Mode = mode
         self.swap = swap
         self.criteria = criteria
         self.criteria_model = (
-            resolve_model(criteria_model, role="criteria_model")
+            _as_model(criteria_model, "criteria_model")
             if criteria_model
             else (self.aggregator or self.judges[0])
         )
         self.max_concurrency = max_concurrency
+        self.grammar = grammar
 
     def __repr__(self) -> str:
         names = ", ".join(model_label(j) for j in self.judges)
@@ -265,8 +285,11 @@ class MoAJudge:
         return result
 
     # ----------------------------------------------------------------- running
-    def _model(self, call: _Call) -> BaseChatModel:
-        return self.aggregator if call.judge < 0 else self.judges[call.judge]  # type: ignore[return-value]
+    def _model(self, call: _Call) -> Any:
+        model = self.aggregator if call.judge < 0 else self.judges[call.judge]
+        if self.grammar:
+            return model.bind(extra_body={"grammar": VERDICT_GRAMMARS[self.mode]})  # type: ignore[union-attr]
+        return model
 
     def _record(self, call: _Call, message: Any = None, exc: BaseException | None = None) -> bool:
         """Store one attempt; True when the call is settled (usable, or asked twice)."""
@@ -369,7 +392,7 @@ class MoAJudge:
                     points[call.key[1]].append(float(call.parsed))
         usable = sum(len(p) for p in points)
         if usable == 0:
-            errors = sorted({c.error for c in deciding if c.error})
+            errors = sorted({c.error for c in [*calls, *agg_calls] if c.error})
             raise JudgeError(
                 f"no usable verdict from {len(self.judges)} judge(s) on {n} candidates: "
                 + ("; ".join(errors) or "no answers")
@@ -387,7 +410,7 @@ class MoAJudge:
 
         def describe(call: _Call) -> dict[str, Any]:
             judge = "aggregator" if call.judge < 0 else call.judge
-            model = model_label(self._model(call))
+            model = model_label(self.aggregator if call.judge < 0 else self.judges[call.judge])
             return {
                 "judge": judge, "model": model, "key": list(call.key), "verdict": call.parsed,
                 "raw": call.raw, "attempts": len(call.raw), "error": call.error,

@@ -42,8 +42,9 @@ def resolve_model(spec: Any, *, role: str) -> BaseChatModel:
 
 def model_label(model: BaseChatModel) -> str:
     """A short human-readable name for a chat model (its model name when it has one)."""
+    model = getattr(model, "bound", model)  # a RunnableBinding around a chat model
     for attr in ("model_name", "model", "model_id", "deployment_name"):
         value = getattr(model, attr, None)
         if isinstance(value, str) and value:
             return value
-    return model._llm_type
+    return getattr(model, "_llm_type", type(model).__name__)
