@@ -77,7 +77,9 @@ CRITERIA_INSTRUCTIONS = (
 #: they make even a 135M model produce parseable verdicts.
 VERDICT_GRAMMARS = {
     "pairwise": 'root ::= reason "\\n[[" [ABC] "]]"\nreason ::= [^\\n\\[]{10,300}',
-    "pointwise": 'root ::= reason "\\nRating: [[" ([1-9] | "10") "]]"\nreason ::= [^\\n\\[]{10,300}',
+    "pointwise": (
+        'root ::= reason "\\nRating: [[" ([1-9] | "10") "]]"\nreason ::= [^\\n\\[]{10,300}'
+    ),
 }
 
 _PAIR_VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
