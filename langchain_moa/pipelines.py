@@ -281,20 +281,35 @@ async def agenerate(
     )  # fmt: skip
 
 
-async def sample_candidates(policy: Any, messages: list[dict[str, Any]], samples: int) -> list[str]:
-    """`samples` answers from `policy` at spread temperatures and distinct seeds."""
-    conversation = convert_to_messages(messages)
-    temperatures = [0.6 + 0.6 * i / max(1, samples - 1) for i in range(samples)]
-
-    async def one(i: int) -> str:
+def _samplers(policy: Any, samples: int) -> list[Any]:
+    """`policy` bound to spread temperatures (0.6-1.2) and distinct seeds, one per sample."""
+    models = []
+    for i in range(samples):
+        temperature = round(0.6 + 0.6 * i / max(1, samples - 1), 2)
         try:
-            model = policy.bind(temperature=round(temperatures[i], 2), seed=1000 + i)
+            models.append(policy.bind(temperature=temperature, seed=1000 + i))
         except Exception:  # a model without those options still gives samples
-            model = policy
-        return (await model.ainvoke(conversation)).text.strip()
+            models.append(policy)
+    return models
 
-    answers = await asyncio.gather(*(one(i) for i in range(samples)))
-    return [a for a in answers if a]
+
+async def sample_candidates(policy: Any, messages: list[dict[str, Any]], samples: int) -> list[str]:
+    """`samples` answers from `policy`, concurrently (non-empty ones only)."""
+    conversation = convert_to_messages(messages)
+    answers = await asyncio.gather(
+        *(model.ainvoke(conversation) for model in _samplers(policy, samples))
+    )
+    return [a.text.strip() for a in answers if a.text.strip()]
+
+
+def sample_candidates_sync(policy: Any, messages: list[dict[str, Any]], samples: int) -> list[str]:
+    """Sync `sample_candidates`: threads, never a fresh event loop per call."""
+    from langchain_core.runnables.config import ContextThreadPoolExecutor
+
+    conversation = convert_to_messages(messages)
+    with ContextThreadPoolExecutor(max_workers=samples) as pool:
+        answers = list(pool.map(lambda m: m.invoke(conversation), _samplers(policy, samples)))
+    return [a.text.strip() for a in answers if a.text.strip()]
 
 
 async def alabel(

@@ -1,0 +1,130 @@
+"""The judge as LangGraph nodes: reward labeling and best-of-N inside agent graphs.
+
+`judge_node(judge)` reads ``prompt`` (or the conversation in ``messages``) and ``candidates``
+from the state and writes ``scores``, ``chosen``, ``rejected`` and ``judge_details`` back.
+`build_judge_graph` wires it into a small loop: generate N candidates, judge them, and
+regenerate while the best score is below a threshold (bounded), else return the best one.
+Candidate sampling reuses `pipelines.sample_candidates`, the same code `moa label` uses.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Annotated, Any
+
+from langchain_core.messages import AIMessage, AnyMessage
+from langchain_core.runnables import RunnableLambda
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+from typing_extensions import TypedDict
+
+from langchain_moa.judge import MoAJudge
+from langchain_moa.pipelines import sample_candidates, sample_candidates_sync
+
+
+class JudgeState(TypedDict, total=False):
+    """State of the judge graph (and what `judge_node` reads and writes)."""
+
+    prompt: str
+    messages: Annotated[list[AnyMessage], add_messages]
+    candidates: list[str]
+    scores: list[float]
+    chosen: int
+    rejected: int
+    judge_details: dict[str, Any]
+    attempts: int
+    history: Annotated[list[dict[str, Any]], operator.add]
+    best: str
+
+
+def _prompt_of(state: JudgeState) -> Any:
+    if state.get("prompt"):
+        return state["prompt"]
+    messages = [m for m in state.get("messages", []) if m.type in ("human", "system")]
+    if not messages:
+        raise ValueError("the judge node needs 'prompt' or user 'messages' in the state")
+    return messages
+
+
+def _as_dicts(prompt: Any) -> list[dict[str, Any]]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    role = {"human": "user", "system": "system", "ai": "assistant"}
+    return [{"role": role.get(m.type, "user"), "content": m.content} for m in prompt]
+
+
+def _update(result: Any, candidates: list[str]) -> dict[str, Any]:
+    return {
+        "scores": result.scores,
+        "chosen": result.chosen,
+        "rejected": result.rejected,
+        "judge_details": result.details,
+        "history": [{"candidates": candidates, "scores": result.scores, "chosen": result.chosen}],
+    }
+
+
+def judge_node(judge: MoAJudge) -> RunnableLambda:
+    """A node scoring ``state["candidates"]`` for the state's prompt (sync and async)."""
+
+    def run(state: JudgeState) -> dict[str, Any]:
+        candidates = list(state.get("candidates") or [])
+        return _update(judge.rank(_prompt_of(state), candidates), candidates)
+
+    async def arun(state: JudgeState) -> dict[str, Any]:
+        candidates = list(state.get("candidates") or [])
+        return _update(await judge.arank(_prompt_of(state), candidates), candidates)
+
+    return RunnableLambda(run, afunc=arun, name="judge")
+
+
+def build_judge_graph(
+    judge: MoAJudge,
+    generator: Any,
+    *,
+    n: int = 4,
+    threshold: float | None = None,
+    max_attempts: int = 3,
+    checkpointer: Any = None,
+    name: str = "moa_judge",
+) -> Any:
+    """Generate `n` candidates, judge, regenerate while best < `threshold` (<= max_attempts).
+
+    `threshold` is on the judge's scale: a win rate in [0, 1] (pairwise) or a 1-10 rating
+    (pointwise); None accepts the first round. The final answer is appended to
+    ``messages`` and stored in ``best``.
+    """
+    if n < 2 and judge.mode == "pairwise":
+        raise ValueError("pairwise judging needs n >= 2 candidates")
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+
+    async def agenerate(state: JudgeState) -> dict[str, Any]:
+        candidates = await sample_candidates(generator, _as_dicts(_prompt_of(state)), n)
+        return {"candidates": candidates, "attempts": state.get("attempts", 0) + 1}
+
+    def generate(state: JudgeState) -> dict[str, Any]:
+        candidates = sample_candidates_sync(generator, _as_dicts(_prompt_of(state)), n)
+        return {"candidates": candidates, "attempts": state.get("attempts", 0) + 1}
+
+    def route(state: JudgeState) -> str:
+        best = max(state["scores"])
+        if threshold is not None and best < threshold and state.get("attempts", 0) < max_attempts:
+            return "generate"
+        return "finish"
+
+    def finish(state: JudgeState) -> dict[str, Any]:
+        best = state["candidates"][state["chosen"]]
+        return {"best": best, "messages": [AIMessage(content=best)]}
+
+    builder = StateGraph(JudgeState)
+    builder.add_node("generate", RunnableLambda(generate, afunc=agenerate, name="generate"))
+    builder.add_node("judge", judge_node(judge))
+    builder.add_node("finish", finish)
+    builder.add_edge(START, "generate")
+    builder.add_edge("generate", "judge")
+    builder.add_conditional_edges("judge", route, ["generate", "finish"])
+    builder.add_edge("finish", END)
+    return builder.compile(checkpointer=checkpointer, name=name)
+
+
+__all__ = ["JudgeState", "build_judge_graph", "judge_node"]
