@@ -145,9 +145,33 @@ def test_moa_entry_uses_the_local_recipe_by_default(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.http
-def test_judge_entry_loads(scripted_recipe: ScriptedOpenAIServer) -> None:
+def test_judge_entry_loads_and_picks_the_better_candidate(
+    scripted_recipe: ScriptedOpenAIServer,
+) -> None:
+    def prefers_the_long_answer(body: dict) -> str:
+        text = body["messages"][-1]["content"]
+        a = text.split("[Answer A]\n")[1].split("\n\n[Answer B]")[0]
+        b = text.split("[Answer B]\n")[1]
+        return "[[A]]" if len(a) > len(b) else "[[B]]"
+
+    samples = iter(["short", "a much longer candidate answer", "mid answer"])
+    scripted_recipe.set_script("p1", ModelScript(reply=prefers_the_long_answer))
+    scripted_recipe.set_script("p2", ModelScript(reply=prefers_the_long_answer))
+    scripted_recipe.set_script(
+        "agg",
+        ModelScript(
+            reply=lambda body: (
+                prefers_the_long_answer(body)
+                if "[Answer A]" in body["messages"][-1]["content"]
+                else next(samples)
+            )
+        ),
+    )
     path, variable = graph_entries()["judge"]
-    if not path.exists():
-        pytest.skip("graphs/judge.py is not written yet (judge issue)")
     module = import_from_path(path)
-    assert isinstance(module.__dict__[variable], Pregel)
+    graph = module.__dict__[variable]
+    assert isinstance(graph, Pregel)
+    out = graph.invoke({"prompt": "Describe the sea."})
+    assert out["best"] == "a much longer candidate answer"
+    assert out["messages"][-1].content == out["best"]
+    assert len(out["scores"]) == 3
