@@ -1,0 +1,69 @@
+"""A labeling run on the real embedded model (SmolLM2-135M judges, llama.cpp grammar)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from langchain_moa.local import pull_bundled_model
+
+pytestmark = pytest.mark.local_model
+
+CONFIG = """
+layers = 2
+[[proposers]]
+provider = "local"
+temperature = 0.3
+seed = 1
+max_tokens = 120
+[[proposers]]
+provider = "local"
+temperature = 0.5
+seed = 2
+max_tokens = 120
+[aggregator]
+provider = "local"
+temperature = 0.2
+seed = 3
+max_tokens = 120
+"""
+
+
+def test_moa_label_on_the_local_model(tmp_path: Path) -> None:
+    pull_bundled_model()
+    cfg = tmp_path / "local.toml"
+    cfg.write_text(CONFIG)
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        json.dumps({"id": "capital", "prompt": "What is the capital of France?",
+                    "responses": ["Paris is the capital of France.", "Berlin."]}) + "\n"
+        + json.dumps({"id": "sum", "prompt": "What is 3 + 4?",
+                      "responses": ["3 + 4 = 7.", "It is 12.", "7"]}) + "\n"
+    )  # fmt: skip
+    out = tmp_path / "dpo.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "langchain_moa.cli", "label", str(source), str(out),
+         "--config", str(cfg)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )  # fmt: skip
+    assert "Traceback" not in result.stderr
+    written = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    errors_file = out.with_name(out.name + ".errors.jsonl")
+    failed = [json.loads(line) for line in errors_file.read_text().splitlines()]
+    # every row is accounted for, exactly once, and the exit code says whether any failed
+    assert sorted([r["id"] for r in written] + [f["id"] for f in failed]) == ["capital", "sum"]
+    assert result.returncode == (1 if failed else 0)
+    assert written, f"no row labeled: {failed}"
+    for row in written:
+        assert row["chosen"] != row["rejected"]
+        assert {row["chosen"], row["rejected"]} <= set(row["candidates"])
+        details = row["judge"]
+        # the grammar makes the tiny model's verdicts parseable
+        assert details["abstentions"] == 0
+        assert all(v["verdict"] in ("A", "B", "C") for v in details["verdicts"])
+        assert details["aggregator_verdicts"]
