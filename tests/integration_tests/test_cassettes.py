@@ -52,9 +52,11 @@ def test_replayed_moa_invoke(vcr) -> None:
     assert message.content.strip()
     proposals = message.response_metadata["moa"]["layers"][0]["proposals"]
     assert len(proposals) == 3 and all(p["answer"] for p in proposals)
-    assert message.usage_metadata["total_tokens"] == sum(
-        p["usage"]["total_tokens"] for p in proposals
-    ) + message.response_metadata["moa"]["aggregator"]["usage"]["total_tokens"]
+    assert (
+        message.usage_metadata["total_tokens"]
+        == sum(p["usage"]["total_tokens"] for p in proposals)
+        + message.response_metadata["moa"]["aggregator"]["usage"]["total_tokens"]
+    )
     if vcr.record_mode == "none":
         assert vcr.play_count == 4  # three proposers and the aggregator, all from the cassette
 
