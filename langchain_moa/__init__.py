@@ -8,6 +8,8 @@ from langchain_moa.chat_model import ChatMoA
 from langchain_moa.engine import MoAEngine, Proposal
 from langchain_moa.errors import ConfigError, MoAError
 from langchain_moa.graph import MoAState, build_moa_graph
+from langchain_moa.judge import JudgeError, JudgeResult, MoAJudge
+from langchain_moa.judge_graph import build_judge_graph, judge_node
 from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
 from langchain_moa.references import inject_references, text_only_history
 
@@ -16,11 +18,16 @@ __all__ = [
     "ChatMoA",
     "MoAEngine",
     "ConfigError",
+    "JudgeError",
+    "JudgeResult",
     "MoAError",
+    "MoAJudge",
     "MoAState",
     "Proposal",
+    "build_judge_graph",
     "build_moa_graph",
     "inject_references",
+    "judge_node",
     "text_only_history",
 ]
 __version__ = "0.1.0"
