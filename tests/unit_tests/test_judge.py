@@ -208,3 +208,10 @@ def test_details_carry_usage_and_raw_verdicts() -> None:
     result = judge.rank("q", ["a", "b"])
     assert result.details["usage"]["total_tokens"] == 10  # two calls
     assert [v["raw"] for v in result.details["verdicts"]] == [["ok [[A]]"], ["ok [[A]]"]]
+
+
+def test_batch_forms_rank_each_item() -> None:
+    judge = MoAJudge(judges=[fake(prefers_good)], swap=True)
+    items = [("q1", ["GOOD a", "b"]), ("q2", ["c", "GOOD d"])]
+    assert [r.chosen for r in judge.rank_batch(items)] == [0, 1]
+    assert [r.chosen for r in asyncio.run(judge.arank_batch(items))] == [0, 1]
