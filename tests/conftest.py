@@ -21,4 +21,6 @@ def vcr_config() -> dict:
         ],
         "match_on": ["method", "path", "query", "body"],
         "decode_compressed_response": True,
+        # benchmarks replay the same recorded exchange many times
+        "allow_playback_repeats": True,
     }
