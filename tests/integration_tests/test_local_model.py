@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,9 @@ def small_moa() -> ChatMoA:
 
 def test_three_proposer_local_moa_answers(model_path: Path) -> None:
     moa = small_moa()
+    started = time.perf_counter()
     message = moa.invoke([HumanMessage("What is the capital of France?")])
+    wall = time.perf_counter() - started
     assert isinstance(message.content, str) and message.content.strip()
     proposals = message.response_metadata["moa"]["layers"][0]["proposals"]
     assert len(proposals) == 3
@@ -87,6 +90,10 @@ def test_three_proposer_local_moa_answers(model_path: Path) -> None:
     assert message.usage_metadata["output_tokens"] >= sum(
         p["usage"]["output_tokens"] for p in proposals
     )
+    # the three drafts were decoded in parallel slots, not one after another
+    drafts = [p["latency_s"] for p in proposals]
+    aggregator = message.response_metadata["moa"]["aggregator"]["latency_s"]
+    assert wall < sum(drafts) + aggregator - 0.5 * min(drafts)
 
 
 async def test_local_moa_streams_and_runs_async(model_path: Path) -> None:
