@@ -163,6 +163,20 @@ _TOGETHER_PROPOSERS = [
 ]
 _TOGETHER_AGGREGATOR = "Qwen/Qwen2.5-72B-Instruct-Turbo"
 
+
+def _together_recipe(name: str, layers: int, description: str) -> Recipe:
+    """The paper's setup on Together: same models, `layers` deep (3 = MoA, 2 = MoA-Lite)."""
+    return Recipe(
+        name=name,
+        description=description,
+        proposers=[_together(m) for m in _TOGETHER_PROPOSERS],
+        aggregator=_together(_TOGETHER_AGGREGATOR, temperature=0.7, max_tokens=2048),
+        layers=layers,
+        min_proposers=2,
+        proposer_timeout=120,
+    )
+
+
 RECIPES: dict[str, Recipe] = {
     "local": Recipe(
         name="local",
@@ -176,29 +190,17 @@ RECIPES: dict[str, Recipe] = {
         layers=2,
         proposer_timeout=120,
     ),
-    "together-moa": Recipe(
-        name="together-moa",
-        description=(
-            "The MoA paper's 3-layer shape (2 proposer layers + aggregator) on Together's "
-            "OpenAI-compatible API with currently served open models; key in TOGETHER_API_KEY."
-        ),
-        proposers=[_together(m) for m in _TOGETHER_PROPOSERS],
-        aggregator=_together(_TOGETHER_AGGREGATOR, temperature=0.7, max_tokens=2048),
-        layers=3,
-        min_proposers=2,
-        proposer_timeout=120,
+    "together-moa": _together_recipe(
+        "together-moa",
+        3,
+        "The MoA paper's 3-layer shape (2 proposer layers + aggregator) on Together's "
+        "OpenAI-compatible API with currently served open models; key in TOGETHER_API_KEY.",
     ),
-    "together-moa-lite": Recipe(
-        name="together-moa-lite",
-        description=(
-            "MoA-Lite: 2 layers (one proposer layer + aggregator) on Together's API; key in "
-            "TOGETHER_API_KEY."
-        ),
-        proposers=[_together(m) for m in _TOGETHER_PROPOSERS],
-        aggregator=_together(_TOGETHER_AGGREGATOR, temperature=0.7, max_tokens=2048),
-        layers=2,
-        min_proposers=2,
-        proposer_timeout=120,
+    "together-moa-lite": _together_recipe(
+        "together-moa-lite",
+        2,
+        "MoA-Lite: 2 layers (one proposer layer + aggregator) on Together's API; key in "
+        "TOGETHER_API_KEY.",
     ),
 }
 
