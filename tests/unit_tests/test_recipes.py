@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
+import yaml
 from langchain_openai import ChatOpenAI
 
 from langchain_moa import ChatMoA, ConfigError
-from langchain_moa.recipes import RECIPES, TOGETHER_BASE_URL, list_recipes, load_recipe
+from langchain_moa.recipes import (
+    RECIPES,
+    TOGETHER_BASE_URL,
+    ModelEntry,
+    list_recipes,
+    load_recipe,
+)
+
+SECRET = "tg-secret-key-0123456789abcdef"
 
 TOML = """
 name = "my-endpoints"
@@ -24,11 +34,13 @@ base_url = "http://127.0.0.1:9/v1"
 api_key_env = "MY_KEY"
 temperature = 0.5
 max_tokens = 100
+seed = 4
 
 [[proposers]]
 model = "model-b"
 base_url = "http://127.0.0.1:9/v1"
 api_key_env = "MY_KEY"
+timeout = 12.5
 
 [aggregator]
 model = "model-c"
@@ -37,96 +49,242 @@ api_key_env = "MY_KEY"
 max_tokens = 300
 """
 
-YAML = """
-layers: 2
-proposers:
-  - {model: model-a, base_url: "http://127.0.0.1:9/v1", api_key_env: MY_KEY}
-aggregator: {model: model-c, base_url: "http://127.0.0.1:9/v1", api_key_env: MY_KEY}
-"""
+AGG = "[aggregator]\nmodel='m'\nbase_url='http://127.0.0.1:9'\n"
+
+
+def write(tmp_path: Path, text: str, name: str = "moa.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# ------------------------------------------------------------------ shipped recipes
 
 
 def test_every_shipped_recipe_loads() -> None:
-    assert set(list_recipes()) == {"local", "together-moa", "together-moa-lite"}
+    assert list_recipes() == ["local", "together-moa", "together-moa-lite"]
     for name in list_recipes():
         recipe = load_recipe(name)
         assert recipe.name == name and recipe.description
+        assert recipe.min_proposers <= len(recipe.proposers)
     assert RECIPES["together-moa"].layers == 3
     assert RECIPES["together-moa-lite"].layers == 2
-    local = RECIPES["local"]
-    assert len(local.proposers) == 3 and all(p.provider == "local" for p in local.proposers)
-    assert len({(p.temperature, p.seed) for p in local.proposers}) == 3  # Self-MoA samples
+    assert "no longer served" in RECIPES["together-moa"].description
+
+
+def test_local_recipe_is_a_self_moa() -> None:
+    local = load_recipe()  # the default
+    assert local.name == "local" and "2502.00674" in local.description
+    assert local.is_local and local.layers == 2
+    assert len(local.proposers) == 3
+    assert len({(p.temperature, p.seed) for p in local.proposers}) == 3  # distinct samples
+    assert local.aggregator.temperature < min(p.temperature for p in local.proposers)
+    assert all(e.max_tokens <= 256 for e in local.entries)  # seconds on 2 cores
 
 
 def test_together_recipe_builds_openai_compatible_clients(monkeypatch) -> None:
-    monkeypatch.setenv("TOGETHER_API_KEY", "tg-secret-key-0123456789")
+    monkeypatch.setenv("TOGETHER_API_KEY", SECRET)
     moa = ChatMoA.from_recipe("together-moa")
-    assert moa.layers == 3
-    for model in [*moa.proposers, moa.aggregator]:
+    assert moa.layers == 3 and moa.min_proposers == 2
+    assert len(moa.proposers) == len(RECIPES["together-moa"].proposers)
+    models = [*moa.proposers, moa.aggregator]
+    for model in models:
         assert isinstance(model, ChatOpenAI)
         assert model.openai_api_base == TOGETHER_BASE_URL
-    assert "tg-secret-key-0123456789" not in repr(moa)
+        assert model.openai_api_key.get_secret_value() == SECRET
+        assert model.stream_usage is True
+    assert moa.aggregator.model_name.startswith("Qwen/")
+    # the key shows up in no representation of the model or the recipe
+    for text in (repr(moa), str(moa), repr(models), repr(RECIPES["together-moa"])):
+        assert SECRET not in text
+    assert SECRET not in moa.model_dump_json()
 
 
-def test_missing_key_is_one_line_naming_the_variable(monkeypatch) -> None:
+def test_chat_moa_kwargs_shape(monkeypatch) -> None:
+    monkeypatch.setenv("TOGETHER_API_KEY", SECRET)
+    kwargs = load_recipe("together-moa-lite").chat_moa_kwargs()
+    assert set(kwargs) == {"proposers", "aggregator", "layers", "min_proposers", "proposer_timeout"}
+    assert kwargs["layers"] == 2 and kwargs["proposer_timeout"] == 120
+
+
+@pytest.mark.parametrize("name", ["together-moa", "together-moa-lite"])
+def test_missing_key_is_one_line_naming_the_variable_and_model(monkeypatch, name) -> None:
     monkeypatch.delenv("TOGETHER_API_KEY", raising=False)
     with pytest.raises(ConfigError) as info:
-        ChatMoA.from_recipe("together-moa-lite")
+        ChatMoA.from_recipe(name)
     message = str(info.value)
     assert "TOGETHER_API_KEY" in message and "\n" not in message
+    assert "proposers[0] (Qwen/" in message
 
 
-@pytest.mark.parametrize(("suffix", "text"), [(".toml", TOML), (".yaml", YAML)])
-def test_config_files(tmp_path: Path, monkeypatch, suffix: str, text: str) -> None:
+def test_blank_key_counts_as_missing(monkeypatch) -> None:
+    monkeypatch.setenv("TOGETHER_API_KEY", "   ")
+    with pytest.raises(ConfigError, match="TOGETHER_API_KEY"):
+        load_recipe("together-moa").build_models()
+
+
+def test_loading_never_needs_a_key(monkeypatch) -> None:
+    monkeypatch.delenv("TOGETHER_API_KEY", raising=False)
+    recipe = load_recipe("together-moa")  # only building reads the environment
+    assert recipe.proposers[0].api_key_env == "TOGETHER_API_KEY"
+
+
+def test_with_max_tokens_caps_every_model() -> None:
+    capped = load_recipe("local").with_max_tokens(16)
+    assert all(e.max_tokens == 16 for e in capped.entries)
+    assert RECIPES["local"].proposers[0].max_tokens == 160  # the shipped recipe is untouched
+    with pytest.raises(ConfigError, match="max_tokens"):
+        load_recipe("local").with_max_tokens(0)
+
+
+def test_endpoint_without_key_env_sends_no_openai_key(monkeypatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-should-not-leave-0123456789")
+    model = ModelEntry(model="llama3", base_url="http://127.0.0.1:11434/v1").build()
+    assert model.openai_api_key.get_secret_value() == "not-needed"
+
+
+# ------------------------------------------------------------------- config files
+
+
+def test_toml_config_round_trip(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MY_KEY", "sk-my-key-abcdefgh")
-    path = tmp_path / f"moa{suffix}"
-    path.write_text(text)
-    moa = ChatMoA.from_recipe(str(path))
-    assert [m.model_name for m in moa.proposers][:1] == ["model-a"]
-    assert moa.aggregator.model_name == "model-c"
-    if suffix == ".toml":
-        assert moa.layers == 3 and moa.min_proposers == 2 and moa.proposer_timeout == 30
-        assert moa.aggregator_prompt == "Combine these:"
-        assert moa.proposers[0].temperature == 0.5 and moa.proposers[0].max_tokens == 100
+    recipe = load_recipe(write(tmp_path, TOML))
+    assert recipe.name == "my-endpoints" and recipe.source.endswith("moa.toml")
+    moa = ChatMoA.from_recipe(write(tmp_path, TOML))
+    assert [m.model_name for m in moa.proposers] == ["model-a", "model-b"]
+    assert moa.aggregator.model_name == "model-c" and moa.aggregator.max_tokens == 300
+    assert moa.layers == 3 and moa.min_proposers == 2 and moa.proposer_timeout == 30
+    assert moa.aggregator_prompt == "Combine these:"
+    first, second = moa.proposers
+    assert first.temperature == 0.5 and first.max_tokens == 100 and first.seed == 4
+    assert second.request_timeout == 12.5
+    assert all(m.openai_api_base == "http://127.0.0.1:9/v1" for m in moa.proposers)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".yml"])
+def test_yaml_config_matches_the_same_toml(tmp_path: Path, monkeypatch, suffix: str) -> None:
+    """The same keys in YAML describe the same recipe."""
+    import tomllib
+
+    monkeypatch.setenv("MY_KEY", "sk-my-key-abcdefgh")
+    data = tomllib.loads(TOML)
+    from_yaml = load_recipe(write(tmp_path, yaml.safe_dump(data), f"moa{suffix}"))
+    from_toml = load_recipe(write(tmp_path, TOML))
+    # equal but for where they came from (`source` is not compared; the default
+    # description names the file)
+    assert dataclasses.replace(from_yaml, description="") == dataclasses.replace(
+        from_toml, description=""
+    )
+
+
+def test_defaults_and_local_provider(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path, "[[proposers]]\nprovider='local'\n" + AGG, "mine.toml"))
+    assert recipe.name == "mine" and recipe.layers == 2 and recipe.min_proposers == 1
+    assert recipe.proposer_timeout is None and recipe.aggregator_prompt is None
+    assert recipe.proposers[0].provider == "local" and recipe.proposers[0].model is None
+    assert not recipe.is_local  # the aggregator is an endpoint
+
+
+def test_single_layer_needs_no_proposers(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path, "layers = 1\n" + AGG))
+    assert recipe.layers == 1 and recipe.proposers == []
+
+
+def test_an_existing_path_without_suffix_loads_as_config(tmp_path: Path) -> None:
+    # the suffix decides the parser, so a suffix-less existing path is a clear error
+    path = write(tmp_path, AGG, "moa-config")
+    with pytest.raises(ConfigError, match=r"must end in \.toml, \.yaml or \.yml"):
+        load_recipe(path)
+
+
+P = "[[proposers]]\nmodel='a'\nbase_url='http://x'\n"
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (
-            "layers = 'two'\n[aggregator]\nmodel='m'\nbase_url='http://127.0.0.1:9'",
-            "layers: expected int",
-        ),
-        (
-            "colour = 1\n[aggregator]\nmodel='m'\nbase_url='http://127.0.0.1:9'",
-            "colour: unknown field",
-        ),
+        ("layers = 'two'\n" + AGG, "layers: expected integer, got str 'two'"),
+        ("layers = true\n" + AGG, "layers: expected integer, got bool"),
+        ("proposer_timeout = 'soon'\n" + AGG, "proposer_timeout: expected integer or number"),
+        ("colour = 1\n" + AGG, "colour: unknown field"),
+        ("layer = 2\n" + AGG, "layer: unknown field (did you mean 'layers'?"),
         ("[aggregator]\nbase_url='http://127.0.0.1:9'", "aggregator.model: missing"),
         ("[aggregator]\nmodel='m'", "aggregator.base_url: missing"),
-        (
-            "[[proposers]]\nmodel='a'\nbase_url='x'\ntemprature=1\n[aggregator]\nmodel='m'\nbase_url='x'",
-            "proposers[0].temprature: unknown field",
-        ),
+        ("[aggregator]\nmodel='m'\nbase_url='127.0.0.1:9'", "aggregator.base_url: must start"),
+        (P + "temprature=1\n" + AGG, "proposers[0].temprature: unknown field (did you mean"),
+        (P + "max_tokens='lots'\n" + AGG, "proposers[0].max_tokens: expected integer"),
+        (P + "max_tokens=0\n" + AGG, "proposers[0].max_tokens: must be >= 1"),
+        (P + "temperature=-1\n" + AGG, "proposers[0].temperature: must be >= 0"),
+        (P + "provider='ollama'\n" + AGG, "proposers[0].provider: must be one of"),
+        ("proposers = 'a'\n" + AGG, "proposers: expected list"),
+        ("proposers = [1]\n" + AGG, "proposers[0]: expected a table"),
+        ("aggregator = 'm'\n", "aggregator: expected table"),
         ("layers = 2\n", "aggregator: missing"),
-        ("layers = = 2", "invalid TOML"),
+        ("layers = 3\n" + AGG, "proposers: add at least one [[proposers]] entry"),
+        ("layers = 0\n" + P + AGG, "layers must be an integer >= 1"),
+        ("min_proposers = 2\n" + P + AGG, "min_proposers=2 is more than the 1 proposers"),
+        ("proposer_timeout = 0\n" + P + AGG, "proposer_timeout must be a positive number"),
+        ("layers = = 2", "invalid TOML: Invalid value (at line 1, column"),
+        ("[aggregator]\nmodel='m'\n[aggregator]\n", "invalid TOML: Cannot declare"),
     ],
 )
-def test_bad_config_files_name_the_field(tmp_path: Path, text: str, message: str) -> None:
-    path = tmp_path / "bad.toml"
-    path.write_text(text)
+def test_bad_config_files_name_the_file_and_field(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text, "bad.toml")
     with pytest.raises(ConfigError, match=re.escape(message)) as info:
-        load_recipe(str(path))
-    assert "\n" not in str(info.value)
+        load_recipe(path)
+    assert "\n" not in str(info.value) and str(info.value).startswith(path)
+
+
+def test_keys_in_config_files_are_refused_without_echo(tmp_path: Path) -> None:
+    path = write(tmp_path, f"[aggregator]\nmodel='m'\nbase_url='http://x'\napi_key='{SECRET}'\n")
+    with pytest.raises(ConfigError, match="api_key: keys do not belong in config files") as info:
+        load_recipe(path)
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("value", [f"'{SECRET}'", "'sk-proj-abc123def456'", "'Bearer xyz'"])
+def test_a_key_pasted_into_api_key_env_is_never_echoed(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"[aggregator]\nmodel='m'\nbase_url='http://x'\napi_key_env={value}\n")
+    with pytest.raises(ConfigError, match="must be the NAME of an environment variable") as info:
+        load_recipe(path)
+    assert value.strip("'") not in str(info.value)
 
 
 def test_bad_yaml_reports_the_line(tmp_path: Path) -> None:
-    path = tmp_path / "bad.yaml"
-    path.write_text("layers: 2\naggregator: {model: [unclosed\n")
-    with pytest.raises(ConfigError, match=r"invalid YAML at line \d+"):
-        load_recipe(str(path))
+    path = write(tmp_path, "layers: 2\naggregator: {model: [unclosed\n", "bad.yaml")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML at line \d+, column \d+"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "the file is empty"), ("- 1\n- 2\n", "expected a table/mapping at the top level")],
+)
+def test_yaml_top_level_must_be_a_mapping(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(write(tmp_path, text, "c.yaml"))
 
 
 def test_unknown_recipe_lists_the_choices() -> None:
     with pytest.raises(ConfigError, match="choose one of local, together-moa, together-moa-lite"):
         load_recipe("gpt-99")
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="did you mean 'together-moa'"):
+        load_recipe("together-mao")
+
+
+def test_missing_or_unreadable_config_paths(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file /nonexistent/moa.toml does not exist"):
         load_recipe("/nonexistent/moa.toml")
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_recipe(str(tmp_path / "dir.toml"))
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_recipe(str(tmp_path / "bin.toml"))
+
+
+def test_local_entry_needs_no_url_or_key(tmp_path: Path) -> None:
+    text = "layers = 1\n[aggregator]\nprovider='local'\nmodel='x.gguf'\n"
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.aggregator.base_url is None and recipe.aggregator.label == "x.gguf"
+    assert recipe.is_local
