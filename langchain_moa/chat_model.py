@@ -7,9 +7,8 @@ class adapts it to LangChain's sync/async/streaming/tool-calling conventions.
 
 from __future__ import annotations
 
+import difflib
 import itertools
-import json
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -28,17 +27,29 @@ from langchain_core.language_models.chat_models import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
-from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.tools import BaseTool
-from langchain_core.tracers._streaming import _StreamingCallbackHandler
 from langchain_core.tracers.base import BaseTracer
-from langchain_core.tracers.context import _configure_hooks
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from langchain_moa.engine import MoAEngine, final_response_metadata, sum_usage
+from langchain_moa._compat import (
+    StreamingCallbackHandler,
+    configure_hooks,
+    var_child_runnable_config,
+)
+from langchain_moa.calls import check_timeout
+from langchain_moa.engine import MoAEngine
+from langchain_moa.errors import ConfigError
 from langchain_moa.models import model_label, resolve_model
 from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
+from langchain_moa.redaction import redact, register_models
 
 
 class ChatMoA(BaseChatModel):
@@ -61,7 +72,7 @@ class ChatMoA(BaseChatModel):
     proposal, and `usage_metadata` sums every call made.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     proposers: list[BaseChatModel] = Field(default_factory=list)
     """Proposer models (instances or `init_chat_model` strings)."""
@@ -72,36 +83,80 @@ class ChatMoA(BaseChatModel):
     aggregator_prompt: str = DEFAULT_AGGREGATOR_PROMPT
     """Instruction placed before the numbered answers."""
     proposer_timeout: float | None = None
-    """Seconds; a proposer not done by then is cancelled and dropped."""
+    """Seconds; a proposer not done by then is cancelled and dropped (None or inf: no limit)."""
     min_proposers: int = 1
     """A layer with fewer successful answers raises `MoAError`."""
 
-    _engine: MoAEngine = PrivateAttr()
+    # LangChain's standard parameters. They describe the model that answers, the
+    # aggregator, and apply to it alone: proposers keep their own settings (forcing one
+    # temperature on every proposer would remove the diversity MoA relies on).
+    temperature: float | None = None
+    """The aggregator's sampling temperature (sent with each aggregator call)."""
+    max_tokens: int | None = None
+    """The longest answer the aggregator may write (sent with each aggregator call)."""
+    stop: list[str] | None = None
+    """Default stop sequences for the aggregator."""
+    timeout: float | None = None
+    """Seconds for the aggregator's call (None or inf: no limit)."""
+    max_retries: int | None = None
+    """Extra attempts for an aggregator call that fails with a transient error."""
+    streaming: bool = False
+    """Like other chat models: ``invoke`` streams internally (callbacks get tokens)."""
+    api_key: SecretStr | None = None
+    """Key for members given as model strings (passed to ``init_chat_model``)."""
 
-    @field_validator("proposers", mode="before")
-    @classmethod
-    def _resolve_proposers(cls, value: Any) -> list[BaseChatModel]:
-        if value is None:
-            return []
-        if isinstance(value, (str, BaseChatModel)):
-            value = [value]
-        return [resolve_model(spec, role=f"proposers[{i}]") for i, spec in enumerate(value)]
+    def __init__(self, **kwargs: Any) -> None:
+        """Refuse unknown arguments and report any bad setting as one line (`ConfigError`)."""
+        unknown = sorted(k for k in kwargs if k not in type(self).model_fields)
+        if unknown:
+            raise ConfigError(_unknown_arguments(unknown, list(type(self).model_fields)))
+        try:
+            super().__init__(**kwargs)
+        except ValidationError as exc:
+            error = ConfigError(_one_line_validation(exc))
+        else:
+            return
+        raise error  # outside the handler: pydantic's multi-line report is not chained
 
-    @field_validator("aggregator", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _resolve_aggregator(cls, value: Any) -> BaseChatModel:
-        return resolve_model(value, role="aggregator")
+    def _resolve_models(cls, data: Any) -> Any:
+        """Model strings become chat models (with ``api_key`` when one is given)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        key = data.get("api_key")
+        options = {"api_key": key} if key is not None else {}
+        proposers = data.get("proposers")
+        if proposers is None:
+            proposers = []
+        elif isinstance(proposers, (str, BaseChatModel)):
+            proposers = [proposers]
+        data["proposers"] = [
+            resolve_model(spec, role=f"proposers[{i}]", **options)
+            for i, spec in enumerate(proposers)
+        ]
+        if "aggregator" in data:
+            data["aggregator"] = resolve_model(data["aggregator"], role="aggregator", **options)
+        return data
+
+    @field_validator("timeout")
+    @classmethod
+    def _check_timeout(cls, value: float | None) -> float | None:
+        check_timeout(value, "timeout")
+        return value
+
+    @field_validator("max_tokens", "max_retries")
+    @classmethod
+    def _check_non_negative(cls, value: int | None, info: Any) -> int | None:
+        if value is not None and (value < 0 or (info.field_name == "max_tokens" and value < 1)):
+            raise ValueError(f"must be {'>= 1' if info.field_name == 'max_tokens' else '>= 0'}")
+        return value
 
     @model_validator(mode="after")
-    def _build_engine(self) -> ChatMoA:
-        self._engine = MoAEngine(
-            proposers=tuple(self.proposers),
-            aggregator=self.aggregator,
-            layers=self.layers,
-            aggregator_prompt=self.aggregator_prompt,
-            proposer_timeout=self.proposer_timeout,
-            min_proposers=self.min_proposers,
-        )
+    def _validate_engine(self) -> ChatMoA:
+        self.engine  # noqa: B018 - builds (and so validates) the configuration now
+        register_models([self])  # its own api_key, if any
         return self
 
     @classmethod
@@ -113,8 +168,32 @@ class ChatMoA(BaseChatModel):
 
     @property
     def engine(self) -> MoAEngine:
-        """The shared MoA engine configured like this model."""
-        return self._engine
+        """The MoA engine for the current field values.
+
+        Derived on every access (it is cheap: no I/O), so ``model_copy(update=...)`` and
+        ``configurable_fields`` never leave a stale configuration behind.
+        """
+        return MoAEngine(
+            proposers=tuple(self.proposers),
+            aggregator=self.aggregator,
+            layers=self.layers,
+            aggregator_prompt=self.aggregator_prompt,
+            proposer_timeout=self.proposer_timeout,
+            min_proposers=self.min_proposers,
+            aggregator_options=self._aggregator_options(),
+            aggregator_timeout=self.timeout,
+            aggregator_retries=self.max_retries or 0,
+        )
+
+    def _aggregator_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.temperature is not None:
+            options["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            options["max_tokens"] = self.max_tokens
+        if self.stop:
+            options["stop"] = list(self.stop)
+        return options
 
     # ------------------------------------------------------------- identification
     @property
@@ -137,8 +216,14 @@ class ChatMoA(BaseChatModel):
             ls_model_name=str(kwargs.get("model") or model_label(self.aggregator)),
             ls_model_type="chat",
         )
-        if stop:
-            params["ls_stop"] = stop
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = temperature
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
         return params
 
     # ---------------------------------------------------------------- tool calling
@@ -173,6 +258,10 @@ class ChatMoA(BaseChatModel):
         LangGraph): a plain callback handler sees ChatMoA as one model call whose usage
         is already the total, so cost accounting never counts a token twice.
         """
+        active = _ACTIVE_RUN.get()
+        config: dict[str, Any] = {}
+        if active is not None and active[1].get("max_concurrency"):
+            config["max_concurrency"] = active[1]["max_concurrency"]
         if run_manager is not None:
             manager_cls = (
                 AsyncCallbackManager
@@ -183,19 +272,18 @@ class ChatMoA(BaseChatModel):
             manager.set_handlers(_for_children(run_manager.inheritable_handlers))
             manager.add_tags(run_manager.inheritable_tags)
             manager.add_metadata(run_manager.inheritable_metadata)
-            return {"callbacks": manager}
-        active = _ACTIVE_RUN.get()
+            return {**config, "callbacks": manager}  # type: ignore[typeddict-item]
         if active is None:
-            return {}
-        run_id, config = active
+            return config  # type: ignore[return-value]
+        run_id, parent = active
         manager = CallbackManager.configure(
-            inheritable_callbacks=config.get("callbacks"),
-            inheritable_tags=config.get("tags"),
-            inheritable_metadata=config.get("metadata"),
+            inheritable_callbacks=parent.get("callbacks"),
+            inheritable_tags=parent.get("tags"),
+            inheritable_metadata=parent.get("metadata"),
         )
         manager.set_handlers(_for_children(manager.handlers))
         manager.parent_run_id = run_id
-        return {"callbacks": manager}
+        return {**config, "callbacks": manager}  # type: ignore[typeddict-item]
 
     # Public entry points: pin the run id so streaming paths can parent their child runs.
     def invoke(
@@ -235,7 +323,7 @@ class ChatMoA(BaseChatModel):
         finally:
             _left(token)
 
-    # --------------------------------------------------------------------- sync
+    # ------------------------------------------------------------ sync and async
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -243,18 +331,22 @@ class ChatMoA(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        engine = self._engine
         config = self._child_config(run_manager)
         with _child_context(config):
-            layers = engine.propose(messages, config)
-            aggregator = engine.aggregator_runnable(stop=stop, **kwargs)
-            started = time.perf_counter()
-            aggregate = aggregator.invoke(
-                engine.aggregator_input(messages, layers[-1] if layers else None),
-                engine.aggregator_config(config),
-            )
-        message = engine.final_message(layers, aggregate, time.perf_counter() - started)
-        return ChatResult(generations=[ChatGeneration(message=message)])
+            result = self.engine.run(messages, config, stop=stop, **kwargs)
+        return ChatResult(generations=[ChatGeneration(message=result.message)])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        config = self._child_config(run_manager)
+        with _child_context(config):
+            result = await self.engine.arun(messages, config, stop=stop, **kwargs)
+        return ChatResult(generations=[ChatGeneration(message=result.message)])
 
     def _stream(
         self,
@@ -263,49 +355,15 @@ class ChatMoA(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        engine = self._engine
         config = self._child_config(run_manager)
-        # Child runs are configured when they start: proposers, and the aggregator
-        # stream's first step. Only those run with accounting handlers muted, not the
-        # caller's code between our yields.
+        # Child runs are configured when they start: the proposers and the aggregator
+        # stream's first step happen inside the first `next`. Only those run with the
+        # accounting handlers muted, not the caller's code between our yields.
+        stream = self.engine.stream(messages, config, stop=stop, **kwargs)
         with _child_context(config):
-            layers = engine.propose(messages, config)
-            aggregator = engine.aggregator_runnable(stop=stop, **kwargs)
-            started = time.perf_counter()
-            stream = aggregator.stream(
-                engine.aggregator_input(messages, layers[-1] if layers else None),
-                engine.aggregator_config(config),
-            )
-            first = next(stream, None)
-        merged: AIMessageChunk | None = None
-        for chunk in itertools.chain([first] if first is not None else [], stream):
-            piece = _as_chunk(chunk)
-            merged = piece if merged is None else merged + piece
-            yield ChatGenerationChunk(message=_forwarded(piece))
-        yield ChatGenerationChunk(
-            message=_closing_chunk(engine, layers, merged, time.perf_counter() - started)
-        )
-
-    # -------------------------------------------------------------------- async
-    async def _agenerate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
-        engine = self._engine
-        config = self._child_config(run_manager)
-        with _child_context(config):
-            layers = await engine.apropose(messages, config)
-            aggregator = engine.aggregator_runnable(stop=stop, **kwargs)
-            started = time.perf_counter()
-            aggregate = await aggregator.ainvoke(
-                engine.aggregator_input(messages, layers[-1] if layers else None),
-                engine.aggregator_config(config),
-            )
-        message = engine.final_message(layers, aggregate, time.perf_counter() - started)
-        return ChatResult(generations=[ChatGeneration(message=message)])
+            first = next(stream)
+        for chunk in itertools.chain([first], stream):
+            yield ChatGenerationChunk(message=chunk)
 
     async def _astream(
         self,
@@ -314,29 +372,13 @@ class ChatMoA(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        engine = self._engine
         config = self._child_config(run_manager)
+        stream = self.engine.astream(messages, config, stop=stop, **kwargs)
         with _child_context(config):  # see _stream
-            layers = await engine.apropose(messages, config)
-            aggregator = engine.aggregator_runnable(stop=stop, **kwargs)
-            started = time.perf_counter()
-            stream = aggregator.astream(
-                engine.aggregator_input(messages, layers[-1] if layers else None),
-                engine.aggregator_config(config),
-            )
-            first = await anext(stream, None)
-        merged: AIMessageChunk | None = None
-        if first is not None:
-            piece = _as_chunk(first)
-            merged = piece
-            yield ChatGenerationChunk(message=_forwarded(piece))
+            first = await anext(stream)
+        yield ChatGenerationChunk(message=first)
         async for chunk in stream:
-            piece = _as_chunk(chunk)
-            merged = piece if merged is None else merged + piece
-            yield ChatGenerationChunk(message=_forwarded(piece))
-        yield ChatGenerationChunk(
-            message=_closing_chunk(engine, layers, merged, time.perf_counter() - started)
-        )
+            yield ChatGenerationChunk(message=chunk)
 
 
 _ACTIVE_RUN: ContextVar[tuple[UUID, RunnableConfig] | None] = ContextVar(
@@ -345,7 +387,7 @@ _ACTIVE_RUN: ContextVar[tuple[UUID, RunnableConfig] | None] = ContextVar(
 
 
 def _for_children(handlers: list[BaseCallbackHandler]) -> list[BaseCallbackHandler]:
-    return [h for h in handlers if isinstance(h, (BaseTracer, _StreamingCallbackHandler))]
+    return [h for h in handlers if isinstance(h, (BaseTracer, StreamingCallbackHandler))]
 
 
 @contextmanager
@@ -362,7 +404,7 @@ def _child_context(config: RunnableConfig) -> Iterator[None]:
     tokens: list[tuple[ContextVar, Token]] = [
         (var_child_runnable_config, var_child_runnable_config.set(config))
     ]
-    for var, _inheritable, _handler_class, _env_var in _configure_hooks:
+    for var, _inheritable, _handler_class, _env_var in configure_hooks:
         value = var.get()
         if value is not None and not isinstance(value, BaseTracer):
             tokens.append((var, var.set(None)))
@@ -391,60 +433,17 @@ def _left(token: Token) -> None:
         pass
 
 
-def _as_chunk(message: BaseMessage) -> AIMessageChunk:
-    """Models without native streaming yield a whole `AIMessage`; make it a chunk."""
-    if isinstance(message, AIMessageChunk):
-        return message
-    return AIMessageChunk(
-        content=message.content,
-        tool_call_chunks=[
-            {
-                "name": call["name"],
-                "args": json.dumps(call["args"], ensure_ascii=False),
-                "id": call["id"],
-                "index": i,
-            }
-            for i, call in enumerate(getattr(message, "tool_calls", []))
-        ],
-        additional_kwargs=message.additional_kwargs,
-        usage_metadata=getattr(message, "usage_metadata", None),
-        response_metadata=message.response_metadata,
-    )
+def _unknown_arguments(unknown: list[str], known: list[str]) -> str:
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"ChatMoA got unknown argument(s): {', '.join(parts)}"
 
 
-def _forwarded(chunk: AIMessageChunk) -> AIMessageChunk:
-    """Re-emit an aggregator chunk as a ChatMoA chunk (content and tool calls only).
-
-    Identity, usage and response metadata are dropped here and stated once, in the
-    closing chunk, so merging the stream yields one id, one `model_name` and one
-    usage record (the total over every call).
-    """
-    return AIMessageChunk(
-        content=chunk.content,
-        tool_call_chunks=chunk.tool_call_chunks,
-        additional_kwargs=chunk.additional_kwargs,
-    )
-
-
-def _closing_chunk(
-    engine: MoAEngine,
-    layers: list[list[Any]],
-    merged: AIMessageChunk | None,
-    latency_s: float,
-) -> AIMessageChunk:
-    """The last chunk: total usage, final response metadata, ``chunk_position='last'``."""
-    metadata = merged.response_metadata if merged is not None else {}
-    model_name = str(metadata.get("model_name") or model_label(engine.aggregator))
-    response_metadata = final_response_metadata(metadata)
-    response_metadata["model_name"] = model_name
-    response_metadata["moa"] = engine.metadata(
-        layers, model_name, merged.usage_metadata if merged is not None else None, latency_s
-    )
-    return AIMessageChunk(
-        content="",
-        usage_metadata=sum_usage(
-            [engine.proposer_usage(layers), merged.usage_metadata if merged is not None else None]
-        ),
-        response_metadata=response_metadata,
-        chunk_position="last",
-    )
+def _one_line_validation(exc: ValidationError) -> str:
+    """A pydantic report as one line: ``ChatMoA: <field>: <reason>``."""
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    reason = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return redact(f"ChatMoA: {where + ': ' if where else ''}{reason}".splitlines()[0])

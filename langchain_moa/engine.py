@@ -1,48 +1,46 @@
-"""The Mixture-of-Agents engine: the one implementation every face calls.
+"""The Mixture-of-Agents engine: the algorithm, once, on top of the call layer.
 
-`MoAEngine` owns the algorithm: which messages each layer's proposers receive, running
-proposers concurrently (threads on the sync path, tasks on the async path; never a fresh
-event loop per call), dropping failed/slow/empty proposers, the quorum check, what the
-aggregator receives, usage totals and the per-layer metadata. `ChatMoA`, the LangGraph
-nodes, the judge and the CLI all go through it, so the request structure is defined once.
+`MoAEngine` decides what every request contains and in what order requests happen: which
+messages each layer's proposers receive (the references of the previous layer injected),
+the quorum check after each layer, what the aggregator receives, the summed usage and the
+``response_metadata["moa"]`` record. Every model call goes through `langchain_moa.calls`
+(fan-out, timeouts, tags, redacted errors). `ChatMoA`, the graph nodes, the judge's MoA
+aggregation and the CLI are thin adapters over `run` / `arun` / `stream` / `astream` or,
+for the graph, over the single steps those are made of.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.messages.ai import UsageMetadata, add_usage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
 from langchain_core.runnables import Runnable, RunnableConfig
-from langchain_core.runnables.config import ContextThreadPoolExecutor
 from pydantic import BaseModel, ConfigDict
 
+from langchain_moa import calls
+from langchain_moa.calls import CallResult, ModelCall, check_timeout, sum_usage
 from langchain_moa.errors import MoAError
 from langchain_moa.models import model_label
 from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
-from langchain_moa.redaction import redact, secret_values
+from langchain_moa.redaction import register_models
 from langchain_moa.references import inject_references, text_only_history
 
-#: Tags on proposer runs. ``nostream`` keeps drafts out of LangGraph's
-#: ``stream_mode="messages"``; ``moa:proposer`` lets callbacks filter them.
-PROPOSER_TAGS: tuple[str, ...] = ("moa:proposer", "nostream")
-#: Tags on the aggregator run inside `ChatMoA` (its tokens are re-emitted by the
-#: ChatMoA run itself, so the child run must not stream them a second time).
-HIDDEN_AGGREGATOR_TAGS: tuple[str, ...] = ("moa:aggregator", "nostream")
-#: Tags on the aggregator run when it is the visible, final step (graph face).
-VISIBLE_AGGREGATOR_TAGS: tuple[str, ...] = ("moa:aggregator",)
-
 _TOOL_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "strict")
+_KEPT_RESPONSE_KEYS = ("finish_reason", "model_provider", "system_fingerprint", "service_tier")
 
 
 class Proposal(BaseModel):
-    """One proposer's contribution to one layer: its answer, or why it has none."""
+    """One proposer's contribution to one layer: its answer, or why it has none.
+
+    ``proposer`` is the 0-based index into ``proposers`` (people read ``proposer
+    {proposer + 1}`` in messages and the CLI); ``layer`` counts from 1.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -53,10 +51,25 @@ class Proposal(BaseModel):
     usage: dict[str, Any] | None = None
     latency_s: float = 0.0
     error: str | None = None
+    transient: bool | None = None
+    """For a failed call: whether retrying may succeed (None when it answered)."""
 
     @property
     def ok(self) -> bool:
         return self.error is None and bool(self.answer)
+
+    @property
+    def label(self) -> str:
+        """``proposer 2 (model)``: how messages name this proposal (1-based)."""
+        return f"proposer {self.proposer + 1} ({self.model})"
+
+
+@dataclass(frozen=True)
+class MoAResult:
+    """The outcome of one MoA run: the final message and every proposer layer."""
+
+    message: AIMessage
+    layers: list[list[Proposal]] = field(default_factory=list)
 
 
 def answers_of(proposals: Sequence[Proposal]) -> list[str]:
@@ -64,55 +77,111 @@ def answers_of(proposals: Sequence[Proposal]) -> list[str]:
     return [p.answer for p in sorted(proposals, key=lambda p: p.proposer) if p.ok and p.answer]
 
 
-def sum_usage(usages: Sequence[UsageMetadata | dict | None]) -> UsageMetadata | None:
-    """Add token counts; ``None`` when no call reported usage."""
-    total: UsageMetadata | None = None
-    for usage in usages:
-        if usage:
-            total = add_usage(total, usage)  # type: ignore[arg-type]
-    return total
+def final_response_metadata(aggregator_metadata: dict[str, Any]) -> dict[str, Any]:
+    """Keep the aggregator's response fields that describe the final answer."""
+    return {k: aggregator_metadata[k] for k in _KEPT_RESPONSE_KEYS if k in aggregator_metadata}
 
 
-def _merge_config(config: RunnableConfig | None, **updates: Any) -> RunnableConfig:
-    """Child config: keep the caller's callbacks/configurable, add tags/metadata/name."""
-    base: dict[str, Any] = dict(config or {})
-    tags = updates.pop("tags", ())
-    metadata = updates.pop("metadata", {})
-    base["tags"] = [*base.get("tags", []), *tags]
-    base["metadata"] = {**base.get("metadata", {}), **metadata}
-    base.update(updates)
-    return base  # type: ignore[return-value]
+def validate_moa_config(
+    *, n_proposers: int, layers: Any, min_proposers: Any, proposer_timeout: Any
+) -> float | None:
+    """Raise a one-line `ValueError` for a configuration that cannot work.
+
+    Returns the proposer timeout normalised (``inf`` means no limit: None).
+    """
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"layers must be an integer >= 1 (1 = aggregator alone), got {layers!r}")
+    if layers > 1 and n_proposers == 0:
+        raise ValueError(
+            f"layers={layers} needs at least one proposer; pass proposers=[...] or use layers=1"
+        )
+    if isinstance(min_proposers, bool) or not isinstance(min_proposers, int) or min_proposers < 1:
+        raise ValueError(f"min_proposers must be an integer >= 1, got {min_proposers!r}")
+    if layers > 1 and min_proposers > n_proposers:
+        raise ValueError(
+            f"min_proposers={min_proposers} is more than the {n_proposers} proposers given; "
+            f"lower min_proposers or add proposers"
+        )
+    return check_timeout(proposer_timeout, "proposer_timeout")
+
+
+def _as_chunk(message: BaseMessage) -> AIMessageChunk:
+    """Models without native streaming yield a whole `AIMessage`; make it a chunk."""
+    if isinstance(message, AIMessageChunk):
+        return message
+    return AIMessageChunk(
+        content=message.content,
+        tool_call_chunks=[
+            {
+                "name": call["name"],
+                "args": json.dumps(call["args"], ensure_ascii=False),
+                "id": call["id"],
+                "index": i,
+            }
+            for i, call in enumerate(getattr(message, "tool_calls", []))
+        ],
+        additional_kwargs=message.additional_kwargs,
+        usage_metadata=getattr(message, "usage_metadata", None),
+        response_metadata=message.response_metadata,
+    )
+
+
+def _forwarded(chunk: AIMessageChunk) -> AIMessageChunk:
+    """An aggregator chunk as a MoA chunk: content and tool calls only.
+
+    Identity, usage and response metadata are stated once, in the closing chunk, so
+    merging the stream yields one id, one `model_name` and one usage record (the total).
+    """
+    return AIMessageChunk(
+        content=chunk.content,
+        tool_call_chunks=chunk.tool_call_chunks,
+        additional_kwargs=chunk.additional_kwargs,
+    )
 
 
 @dataclass(frozen=True)
 class MoAEngine:
-    """A validated MoA configuration plus the operations of the algorithm."""
+    """A validated MoA configuration plus the operations of the algorithm.
+
+    Cheap to build (no I/O): `ChatMoA` derives one from its public fields on every call,
+    so a copied or reconfigured model never runs a stale configuration.
+    """
 
     proposers: tuple[BaseChatModel, ...]
-    aggregator: BaseChatModel
+    aggregator: Runnable
     layers: int = 2
     aggregator_prompt: str = DEFAULT_AGGREGATOR_PROMPT
     proposer_timeout: float | None = None
     min_proposers: int = 1
-    aggregator_tags: tuple[str, ...] = HIDDEN_AGGREGATOR_TAGS
-    _secrets: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    aggregator_hidden: bool = True
+    """Hidden inside `ChatMoA` (it re-emits the tokens itself); visible in the graph."""
+    aggregator_options: dict[str, Any] = field(default_factory=dict)
+    """Default call options for the aggregator (temperature, max_tokens, stop...)."""
+    aggregator_timeout: float | None = None
+    aggregator_retries: int = 0
 
     def __post_init__(self) -> None:
-        validate_moa_config(
+        timeout = validate_moa_config(
             n_proposers=len(self.proposers),
             layers=self.layers,
             min_proposers=self.min_proposers,
             proposer_timeout=self.proposer_timeout,
         )
+        object.__setattr__(self, "proposer_timeout", timeout)
         object.__setattr__(
-            self, "_secrets", tuple(secret_values([*self.proposers, self.aggregator]))
+            self, "aggregator_timeout", check_timeout(self.aggregator_timeout, "timeout")
         )
+        register_models([*self.proposers, self.aggregator])
 
     # ----------------------------------------------------------------- structure
     @property
     def proposer_layers(self) -> int:
         """Number of proposer layers (the last layer is the aggregator)."""
         return self.layers - 1
+
+    @property
+    def aggregator_tags(self) -> tuple[str, ...]:
+        return tuple(self._aggregator_call([], {}).tags)
 
     def proposer_input(
         self, conversation: Sequence[BaseMessage], previous: Sequence[Proposal] | None
@@ -144,44 +213,74 @@ class MoAEngine:
             return
         failed = [p for p in proposals if not p.ok]
         layer = proposals[0].layer if proposals else 0
-        details = "; ".join(f"proposer {p.proposer} ({p.model}): {p.error}" for p in failed)
+        details = "; ".join(f"{p.label}: {p.error}" for p in failed)
         raise MoAError(
             f"only {ok} of {len(proposals)} proposers answered in layer {layer} "
             f"(min_proposers={self.min_proposers}): {details}",
             failures=failed,
         )
 
-    # ---------------------------------------------------------------- proposers
-    def _proposer_config(
-        self, config: RunnableConfig | None, layer: int, index: int
-    ) -> RunnableConfig:
-        return _merge_config(
-            config,
-            tags=PROPOSER_TAGS,
+    # ------------------------------------------------------------------ requests
+    def proposer_call(self, layer: int, index: int, messages: Sequence[BaseMessage]) -> ModelCall:
+        return ModelCall(
+            model=self.proposers[index],
+            messages=messages,
+            role=f"proposer {index + 1}",
+            kind="proposer",
             metadata={"moa_layer": layer, "moa_proposer": index},
             run_name=f"moa_proposer_{layer}_{index}",
+            timeout=self.proposer_timeout,
         )
 
-    def _error_text(self, exc: BaseException) -> str:
-        text = redact(str(exc), self._secrets).strip()
-        first = text.splitlines()[0][:500] if text else ""
-        return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    def _aggregator_call(
+        self, messages: Sequence[BaseMessage], options: dict[str, Any]
+    ) -> ModelCall:
+        """The aggregator request; call-time tools are bound to it alone."""
+        given = {k: v for k, v in options.items() if v is not None}
+        options = {**self.aggregator_options, **given}
+        tool_kwargs = {k: options.pop(k) for k in _TOOL_KWARGS if k in options}
+        model: Runnable = self.aggregator
+        if "tools" in tool_kwargs:
+            model = self.aggregator.bind_tools(tool_kwargs.pop("tools"), **tool_kwargs)  # type: ignore[attr-defined]
+        else:
+            options.update(tool_kwargs)
+        return ModelCall(
+            model=model,
+            messages=messages,
+            role="aggregator",
+            kind="aggregator",
+            hidden=self.aggregator_hidden,
+            metadata={"moa_layer": self.layers},
+            run_name="moa_aggregator",
+            options=options,
+            timeout=self.aggregator_timeout,
+            retries=self.aggregator_retries,
+        )
 
-    def _proposal(
-        self, layer: int, index: int, started: float, result: Any = None, error: str | None = None
-    ) -> Proposal:
-        model = self.proposers[index]
-        latency = time.perf_counter() - started
-        if error is not None:
+    def aggregator_call(
+        self,
+        conversation: Sequence[BaseMessage],
+        layers: Sequence[Sequence[Proposal]],
+        options: dict[str, Any] | None = None,
+    ) -> ModelCall:
+        """The aggregator's request after the given proposer layers."""
+        messages = self.aggregator_input(conversation, layers[-1] if layers else None)
+        return self._aggregator_call(messages, options or {})
+
+    def proposal(self, layer: int, index: int, result: CallResult) -> Proposal:
+        """A `Proposal` from one proposer call's result (failures and empty answers kept)."""
+        if result.error is not None:
             return Proposal(
                 layer=layer,
                 proposer=index,
-                model=model_label(model),
-                latency_s=latency,
-                error=error,
+                model=result.call.model_name,
+                latency_s=result.latency_s,
+                error=result.error.reason,
+                transient=result.error.transient,
             )
-        message: AIMessage = result
-        name = message.response_metadata.get("model_name") or model_label(model)
+        message = result.message
+        assert message is not None
+        name = message.response_metadata.get("model_name") or result.call.model_name
         answer = message.text.strip()
         return Proposal(
             layer=layer,
@@ -189,86 +288,17 @@ class MoAEngine:
             model=str(name),
             answer=answer or None,
             usage=dict(message.usage_metadata) if message.usage_metadata else None,
-            latency_s=latency,
+            latency_s=result.latency_s,
             error=None if answer else "empty answer",
+            transient=None if answer else True,
         )
 
-    def failed_proposal(
-        self, layer: int, index: int, started: float, exc: BaseException
-    ) -> Proposal:
-        """A failed `Proposal` for `exc` (redacted text; our own timeout gets its usual text)."""
-        if self.is_own_timeout(exc):
-            return self._proposal(layer, index, started, error=self._timeout_text())
-        return self._proposal(layer, index, started, error=self._error_text(exc))
-
-    def is_own_timeout(self, exc: BaseException) -> bool:
-        """True when `exc` is `proposer_timeout` expiring (not a provider's own timeout).
-
-        ``asyncio.wait_for`` raises a bare TimeoutError; the threaded path raises one
-        carrying the timeout text.
-        """
-        return (
-            self.proposer_timeout is not None
-            and isinstance(exc, (TimeoutError, asyncio.TimeoutError))
-            and str(exc) in ("", self._timeout_text())
-        )
-
-    def _timeout_text(self) -> str:
-        return f"TimeoutError: no answer within {self.proposer_timeout:g} s (proposer_timeout)"
-
-    async def acall_proposer(
-        self,
-        layer: int,
-        index: int,
-        messages: Sequence[BaseMessage],
-        config: RunnableConfig | None = None,
-        *,
-        capture_errors: bool = True,
-    ) -> Proposal:
-        """Ask one proposer; failures become a `Proposal` with `error` unless told to raise."""
-        started = time.perf_counter()
-        call = self.proposers[index].ainvoke(
-            list(messages), self._proposer_config(config, layer, index)
-        )
-
-        async def guarded() -> tuple[Any, Exception | None]:
-            # Catch the proposer's own errors here, so a TimeoutError reaching
-            # wait_for below can only be ours (a provider may raise TimeoutError too).
-            try:
-                return await call, None
-            except Exception as exc:
-                return None, exc
-
-        try:
-            result, error = await asyncio.wait_for(guarded(), self.proposer_timeout)
-        except asyncio.TimeoutError:
-            if not capture_errors:
-                raise
-            return self._proposal(layer, index, started, error=self._timeout_text())
-        if error is not None:
-            if not capture_errors:
-                raise error
-            return self._proposal(layer, index, started, error=self._error_text(error))
-        return self._proposal(layer, index, started, result)
-
-    def _call_proposer_untimed(
-        self,
-        layer: int,
-        index: int,
-        messages: Sequence[BaseMessage],
-        config: RunnableConfig | None,
-        capture_errors: bool,
-    ) -> Proposal:
-        started = time.perf_counter()
-        try:
-            result = self.proposers[index].invoke(
-                list(messages), self._proposer_config(config, layer, index)
-            )
-        except Exception as exc:
-            if not capture_errors:
-                raise
-            return self._proposal(layer, index, started, error=self._error_text(exc))
-        return self._proposal(layer, index, started, result)
+    # ------------------------------------------------------------------ proposers
+    def _layer_calls(
+        self, layer: int, messages: Sequence[BaseMessage], indices: Sequence[int] | None
+    ) -> list[ModelCall]:
+        indices = range(len(self.proposers)) if indices is None else indices
+        return [self.proposer_call(layer, i, messages) for i in indices]
 
     def run_layer(
         self,
@@ -277,36 +307,10 @@ class MoAEngine:
         config: RunnableConfig | None = None,
         *,
         indices: Sequence[int] | None = None,
-        capture_errors: bool = True,
     ) -> list[Proposal]:
-        """Run the given proposers (default: all) concurrently in threads.
-
-        Threads, not an event loop: sync chat-model clients are thread-safe and this
-        never creates a loop that an async client could get bound to. A proposer still
-        running at `proposer_timeout` is recorded as timed out; its thread is abandoned.
-        """
-        indices = list(range(len(self.proposers))) if indices is None else list(indices)
-        started = time.perf_counter()
-        executor = ContextThreadPoolExecutor(max_workers=max(1, len(indices)))
-        futures = {
-            executor.submit(
-                self._call_proposer_untimed, layer, i, messages, config, capture_errors
-            ): i
-            for i in indices
-        }
-        try:
-            done, _ = concurrent.futures.wait(futures, timeout=self.proposer_timeout)
-            results: dict[int, Proposal] = {}
-            for future, i in futures.items():
-                if future in done:
-                    results[i] = future.result()
-                elif capture_errors:
-                    results[i] = self._proposal(layer, i, started, error=self._timeout_text())
-                else:
-                    raise TimeoutError(self._timeout_text())
-        finally:
-            executor.shutdown(wait=False, cancel_futures=True)
-        return [results[i] for i in indices]
+        """Run the given proposers (default: all) concurrently; failures are recorded."""
+        results = calls.run_all(self._layer_calls(layer, messages, indices), config)
+        return [self.proposal(layer, r.call.metadata["moa_proposer"], r) for r in results]
 
     async def arun_layer(
         self,
@@ -316,13 +320,46 @@ class MoAEngine:
         *,
         indices: Sequence[int] | None = None,
     ) -> list[Proposal]:
-        """Run the given proposers (default: all) concurrently as asyncio tasks."""
-        indices = list(range(len(self.proposers))) if indices is None else list(indices)
-        return list(
-            await asyncio.gather(
-                *(self.acall_proposer(layer, i, messages, config) for i in indices)
-            )
+        """Async `run_layer`: concurrent tasks."""
+        results = await calls.arun_all(self._layer_calls(layer, messages, indices), config)
+        return [self.proposal(layer, r.call.metadata["moa_proposer"], r) for r in results]
+
+    def propose_one(
+        self, layer: int, index: int, messages: Sequence[BaseMessage], config: RunnableConfig | None
+    ) -> Proposal:
+        """One proposer call (sync), for callers that retry it themselves (the graph).
+
+        Raises `CallError` when the call fails; an empty answer is a failed `Proposal`.
+        """
+        call = self.proposer_call(layer, index, messages)
+        started = time.perf_counter()
+        message = calls.invoke(call, config)
+        return self.proposal(
+            layer, index, CallResult(call, message, None, time.perf_counter() - started)
         )
+
+    async def apropose_one(
+        self, layer: int, index: int, messages: Sequence[BaseMessage], config: RunnableConfig | None
+    ) -> Proposal:
+        """Async `propose_one`."""
+        call = self.proposer_call(layer, index, messages)
+        started = time.perf_counter()
+        message = await calls.ainvoke(call, config)
+        return self.proposal(
+            layer, index, CallResult(call, message, None, time.perf_counter() - started)
+        )
+
+    def failed_proposal(
+        self,
+        layer: int,
+        index: int,
+        messages: Sequence[BaseMessage],
+        error: calls.CallError,
+        latency_s: float,
+    ) -> Proposal:
+        """The recorded `Proposal` of a proposer call that failed for good."""
+        call = self.proposer_call(layer, index, messages)
+        return self.proposal(layer, index, CallResult(call, None, error, latency_s))
 
     def propose(
         self, conversation: Sequence[BaseMessage], config: RunnableConfig | None = None
@@ -350,30 +387,75 @@ class MoAEngine:
             layers.append(proposals)
         return layers
 
-    # --------------------------------------------------------------- aggregator
-    def aggregator_runnable(self, **kwargs: Any) -> Runnable:
-        """The aggregator with call-time tools / options applied (tools go to it alone)."""
-        tool_kwargs = {k: kwargs.pop(k) for k in _TOOL_KWARGS if k in kwargs}
-        runnable: Runnable = self.aggregator
-        if "tools" in tool_kwargs:
-            tools = tool_kwargs.pop("tools")
-            runnable = self.aggregator.bind_tools(tools, **tool_kwargs)
-        elif tool_kwargs:
-            kwargs.update(tool_kwargs)
-        kwargs = {k: v for k, v in kwargs.items() if v is not None or k != "stop"}
-        if kwargs:
-            runnable = runnable.bind(**kwargs)
-        return runnable
-
-    def aggregator_config(self, config: RunnableConfig | None) -> RunnableConfig:
-        return _merge_config(
-            config,
-            tags=self.aggregator_tags,
-            run_name="moa_aggregator",
-            metadata={"moa_layer": self.layers},
+    # ------------------------------------------------------------------ whole runs
+    def run(
+        self,
+        conversation: Sequence[BaseMessage],
+        config: RunnableConfig | None = None,
+        **options: Any,
+    ) -> MoAResult:
+        """The whole MoA (sync): proposer layers, then the aggregator."""
+        layers = self.propose(conversation, config)
+        call = self.aggregator_call(conversation, layers, options)
+        started = time.perf_counter()
+        aggregate = calls.invoke(call, config)
+        return MoAResult(
+            self.final_message(layers, aggregate, time.perf_counter() - started), layers
         )
 
-    # ------------------------------------------------------------------ results
+    async def arun(
+        self,
+        conversation: Sequence[BaseMessage],
+        config: RunnableConfig | None = None,
+        **options: Any,
+    ) -> MoAResult:
+        """The whole MoA (async)."""
+        layers = await self.apropose(conversation, config)
+        call = self.aggregator_call(conversation, layers, options)
+        started = time.perf_counter()
+        aggregate = await calls.ainvoke(call, config)
+        return MoAResult(
+            self.final_message(layers, aggregate, time.perf_counter() - started), layers
+        )
+
+    def stream(
+        self,
+        conversation: Sequence[BaseMessage],
+        config: RunnableConfig | None = None,
+        **options: Any,
+    ) -> Iterator[AIMessageChunk]:
+        """The whole MoA, the aggregator's tokens as they come (sync).
+
+        The last chunk carries the total usage and ``response_metadata["moa"]``.
+        """
+        layers = self.propose(conversation, config)
+        call = self.aggregator_call(conversation, layers, options)
+        started = time.perf_counter()
+        merged: AIMessageChunk | None = None
+        for chunk in calls.stream(call, config):
+            piece = _as_chunk(chunk)
+            merged = piece if merged is None else merged + piece
+            yield _forwarded(piece)
+        yield self.closing_chunk(layers, merged, time.perf_counter() - started)
+
+    async def astream(
+        self,
+        conversation: Sequence[BaseMessage],
+        config: RunnableConfig | None = None,
+        **options: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        """Async `stream`."""
+        layers = await self.apropose(conversation, config)
+        call = self.aggregator_call(conversation, layers, options)
+        started = time.perf_counter()
+        merged: AIMessageChunk | None = None
+        async for chunk in calls.astream(call, config):
+            piece = _as_chunk(chunk)
+            merged = piece if merged is None else merged + piece
+            yield _forwarded(piece)
+        yield self.closing_chunk(layers, merged, time.perf_counter() - started)
+
+    # ------------------------------------------------------------------- results
     def metadata(
         self,
         layers: Sequence[Sequence[Proposal]],
@@ -397,54 +479,53 @@ class MoAEngine:
     def proposer_usage(self, layers: Sequence[Sequence[Proposal]]) -> UsageMetadata | None:
         return sum_usage([p.usage for proposals in layers for p in proposals])
 
+    def _response_metadata(
+        self, layers: Sequence[Sequence[Proposal]], aggregate: BaseMessage | None, latency_s: float
+    ) -> dict[str, Any]:
+        raw = aggregate.response_metadata if aggregate is not None else {}
+        usage = getattr(aggregate, "usage_metadata", None)
+        model_name = str(raw.get("model_name") or model_label(self.aggregator))
+        response_metadata = final_response_metadata(raw)
+        response_metadata["model_name"] = model_name
+        response_metadata["moa"] = self.metadata(layers, model_name, usage, latency_s)
+        return response_metadata
+
     def final_message(
         self, layers: Sequence[Sequence[Proposal]], aggregate: AIMessage, latency_s: float
     ) -> AIMessage:
         """The user-facing answer: aggregator content, summed usage, MoA metadata."""
-        model_name = aggregate.response_metadata.get("model_name") or model_label(self.aggregator)
-        usage = sum_usage([self.proposer_usage(layers), aggregate.usage_metadata])
-        response_metadata = final_response_metadata(aggregate.response_metadata)
-        response_metadata["model_name"] = str(model_name)
-        response_metadata["moa"] = self.metadata(
-            layers, str(model_name), aggregate.usage_metadata, latency_s
-        )
         return AIMessage(
             content=aggregate.content,
             tool_calls=aggregate.tool_calls,
             invalid_tool_calls=aggregate.invalid_tool_calls,
             additional_kwargs=aggregate.additional_kwargs,
-            usage_metadata=usage,
-            response_metadata=response_metadata,
+            usage_metadata=sum_usage([self.proposer_usage(layers), aggregate.usage_metadata]),
+            response_metadata=self._response_metadata(layers, aggregate, latency_s),
+        )
+
+    def closing_chunk(
+        self,
+        layers: Sequence[Sequence[Proposal]],
+        merged: AIMessageChunk | None,
+        latency_s: float,
+    ) -> AIMessageChunk:
+        """The last streamed chunk: total usage, final metadata, ``chunk_position='last'``."""
+        return AIMessageChunk(
+            content="",
+            usage_metadata=sum_usage(
+                [self.proposer_usage(layers), merged.usage_metadata if merged else None]
+            ),
+            response_metadata=self._response_metadata(layers, merged, latency_s),
+            chunk_position="last",
         )
 
 
-_KEPT_RESPONSE_KEYS = ("finish_reason", "model_provider", "system_fingerprint", "service_tier")
-
-
-def final_response_metadata(aggregator_metadata: dict[str, Any]) -> dict[str, Any]:
-    """Keep the aggregator's response fields that describe the final answer."""
-    return {k: aggregator_metadata[k] for k in _KEPT_RESPONSE_KEYS if k in aggregator_metadata}
-
-
-def validate_moa_config(
-    *, n_proposers: int, layers: int, min_proposers: int, proposer_timeout: float | None
-) -> None:
-    """Raise a one-line `ValueError` for a configuration that cannot work."""
-    if not isinstance(layers, int) or layers < 1:
-        raise ValueError(f"layers must be an integer >= 1 (1 = aggregator alone), got {layers!r}")
-    if layers > 1 and n_proposers == 0:
-        raise ValueError(
-            f"layers={layers} needs at least one proposer; pass proposers=[...] or use layers=1"
-        )
-    if not isinstance(min_proposers, int) or min_proposers < 1:
-        raise ValueError(f"min_proposers must be an integer >= 1, got {min_proposers!r}")
-    if layers > 1 and min_proposers > n_proposers:
-        raise ValueError(
-            f"min_proposers={min_proposers} is more than the {n_proposers} proposers given; "
-            f"lower min_proposers or add proposers"
-        )
-    if proposer_timeout is not None and proposer_timeout <= 0:
-        raise ValueError(
-            f"proposer_timeout must be a positive number of seconds or None, "
-            f"got {proposer_timeout!r}"
-        )
+__all__ = [
+    "MoAEngine",
+    "MoAResult",
+    "Proposal",
+    "answers_of",
+    "final_response_metadata",
+    "sum_usage",
+    "validate_moa_config",
+]

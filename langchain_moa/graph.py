@@ -30,8 +30,10 @@ between layers, early stopping, checkpointed resumption and inspectable state.
 Retries and dropped proposers (design choice): each proposer node has LangGraph
 `RetryPolicy` objects attached (``add_node(..., retry_policy=...)``), so LangGraph performs
 the retries with its own backoff and reports each attempt as a run. The node calls the
-engine with ``capture_errors=False`` and, when the call fails, decides with the *same*
-policies what happens: if the matching policy would retry and the current attempt
+engine's `propose_one`, which raises the call layer's `CallError` (one redacted line; a
+custom ``retry_on`` sees that error and can read its ``transient``, ``status_code`` and
+``error_type``), and when the call fails it decides with the *same* policies what
+happens: if the matching policy would retry and the current attempt
 (``runtime.execution_info.node_attempt``) is below its ``max_attempts``, it re-raises and
 LangGraph retries; otherwise (non-retryable error, or last attempt) it returns a failed
 `Proposal` built by the engine, so one bad proposer is dropped and recorded instead of
@@ -62,20 +64,16 @@ from langchain_core.messages import AIMessage, AnyMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.runnables import RunnableConfig
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from langgraph._internal._runnable import RunnableCallable
 from langgraph.checkpoint.base import BaseCheckpointSaver
-from langgraph.errors import GraphBubbleUp
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Overwrite, RetryPolicy, Send
 
-from langchain_moa.engine import (
-    VISIBLE_AGGREGATOR_TAGS,
-    MoAEngine,
-    Proposal,
-    answers_of,
-)
+from langchain_moa import calls
+from langchain_moa._compat import RunnableCallable, node_attempt
+from langchain_moa.calls import CallError, is_transient_error
+from langchain_moa.engine import MoAEngine, Proposal, answers_of
 from langchain_moa.errors import MoAError
 from langchain_moa.models import resolve_model
 from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
@@ -191,71 +189,6 @@ def _early_stop_predicate(early_stop: EarlyStop) -> Callable[[list[str]], bool] 
 
 # ---------------------------------------------------------------------- retries
 
-_NOT_RETRIED_NAMES = frozenset(
-    {
-        "AuthenticationError",
-        "PermissionDeniedError",
-        "PermissionDenied",
-        "NotFoundError",
-        "NotFound",
-        "BadRequestError",
-        "UnprocessableEntityError",
-        "InvalidArgument",
-    }
-)
-_TRANSIENT_NAMES = frozenset(
-    {
-        # openai / anthropic / mistral style SDKs
-        "APIConnectionError",
-        "APITimeoutError",
-        "RateLimitError",
-        "InternalServerError",
-        "OverloadedError",
-        "ServiceUnavailableError",
-        # httpx transport errors (connect, read, write, pool timeouts, protocol hiccups)
-        "TransportError",
-        "TimeoutException",
-        # google api_core
-        "ServiceUnavailable",
-        "TooManyRequests",
-        "ResourceExhausted",
-        "DeadlineExceeded",
-    }
-)
-_TRANSIENT_STATUS = frozenset({408, 409, 425, 429})
-
-
-def _status_code(exc: BaseException) -> int | None:
-    for holder in (exc, getattr(exc, "response", None)):
-        status = getattr(holder, "status_code", None)
-        if isinstance(status, int):
-            return status
-    return None
-
-
-def is_transient_error(exc: BaseException) -> bool:
-    """Whether retrying the same request may succeed.
-
-    Retried: connection errors, timeouts raised by the client, rate limits (429), request
-    timeouts (408), conflicts (409) and server errors (5xx). Not retried: authentication,
-    permission, not-found and bad-request errors (other 4xx), `ValueError` and `TypeError`
-    (a malformed request fails the same way every time), and anything unrecognised.
-    Provider SDKs are recognised by HTTP status where they expose one, else by class name,
-    so no provider package has to be imported.
-    """
-    if isinstance(exc, (ValueError, TypeError)):
-        return False
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    if names & _NOT_RETRIED_NAMES:
-        return False
-    status = _status_code(exc)
-    if status is not None:
-        return status >= 500 or status in _TRANSIENT_STATUS
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    return bool(names & _TRANSIENT_NAMES)
-
-
 DEFAULT_RETRY_POLICY = RetryPolicy(max_attempts=3, retry_on=is_transient_error)
 """Three attempts with LangGraph's default backoff, transient errors only."""
 
@@ -281,11 +214,6 @@ def _matches(policy: RetryPolicy, exc: Exception) -> bool:
     if callable(retry_on):
         return bool(retry_on(exc))
     raise TypeError("retry_on must be an exception class, a sequence of them or a callable")
-
-
-def _attempt(runtime: Any) -> int:
-    info = getattr(runtime, "execution_info", None)
-    return int(getattr(info, "node_attempt", 0) or 0)
 
 
 # ------------------------------------------------------------------------ nodes
@@ -341,47 +269,38 @@ class _MoANodes:
 
     # ---------------------------------------------------------------- proposers
     def _failed(
-        self, exc: Exception, layer: int, index: int, started: float, runtime: Any
+        self, error: CallError, task: ProposerTask, started: float, runtime: Any
     ) -> Proposal | None:
         """The failed proposal to record, or None when LangGraph should retry."""
-        engine = self.engine
-        if engine.is_own_timeout(exc):  # the proposer's time budget is final: no retry
-            return engine.failed_proposal(layer, index, started, exc)
-        policy = next((p for p in self.policies if _matches(p, exc)), None)
-        attempt = _attempt(runtime)
-        # attempt 0: this LangGraph does not report attempts; record rather than risk
-        # LangGraph giving up with the error (which would fail the whole graph).
-        if policy is not None and 0 < attempt < policy.max_attempts:
-            return None
-        return engine.failed_proposal(layer, index, started, exc)
+        if not error.timed_out:  # the proposer's time budget is final: no retry
+            policy = next((p for p in self.policies if _matches(p, error)), None)
+            if policy is not None and node_attempt(runtime) < policy.max_attempts:
+                return None
+        return self.engine.failed_proposal(
+            task["layer"], task["index"], task["messages"], error, time.perf_counter() - started
+        )
 
     def proposer(self, task: ProposerTask, config: RunnableConfig, runtime: Any) -> dict:
-        layer, index = task["layer"], task["index"]
         started = time.perf_counter()
         try:
-            proposal = self.engine.run_layer(
-                layer, task["messages"], config, indices=[index], capture_errors=False
-            )[0]
-        except GraphBubbleUp:
-            raise
-        except Exception as exc:
-            failed = self._failed(exc, layer, index, started, runtime)
+            proposal = self.engine.propose_one(
+                task["layer"], task["index"], task["messages"], config
+            )
+        except CallError as error:
+            failed = self._failed(error, task, started, runtime)
             if failed is None:
                 raise
             proposal = failed
         return {"moa_proposals": [proposal]}
 
     async def aproposer(self, task: ProposerTask, config: RunnableConfig, runtime: Any) -> dict:
-        layer, index = task["layer"], task["index"]
         started = time.perf_counter()
         try:
-            proposal = await self.engine.acall_proposer(
-                layer, index, task["messages"], config, capture_errors=False
+            proposal = await self.engine.apropose_one(
+                task["layer"], task["index"], task["messages"], config
             )
-        except GraphBubbleUp:
-            raise
-        except Exception as exc:
-            failed = self._failed(exc, layer, index, started, runtime)
+        except CallError as error:
+            failed = self._failed(error, task, started, runtime)
             if failed is None:
                 raise
             proposal = failed
@@ -414,12 +333,9 @@ class _MoANodes:
         return self.quorum_failed(state)
 
     # --------------------------------------------------------------- aggregator
-    def _aggregator_call(self, state: MoAState, config: RunnableConfig) -> tuple[Any, Any, Any]:
-        engine = self.engine
+    def _call(self, state: MoAState) -> calls.ModelCall:
         layers = state.get("moa_layers") or []
-        runnable = engine.aggregator_runnable(**self.aggregator_kwargs)
-        messages = engine.aggregator_input(state["messages"], layers[-1] if layers else None)
-        return runnable, messages, engine.aggregator_config(config)
+        return self.engine.aggregator_call(state["messages"], layers, self.aggregator_kwargs)
 
     def _finish(self, state: MoAState, aggregate: AIMessage, started: float) -> dict[str, Any]:
         layers = state.get("moa_layers") or []
@@ -430,15 +346,13 @@ class _MoANodes:
         return {"messages": [final], "moa_usage": final.usage_metadata}
 
     def aggregator(self, state: MoAState, config: RunnableConfig) -> dict[str, Any]:
-        runnable, messages, child_config = self._aggregator_call(state, config)
         started = time.perf_counter()
-        aggregate = runnable.invoke(messages, child_config)
+        aggregate = calls.invoke(self._call(state), config)
         return self._finish(state, aggregate, started)
 
     async def aaggregator(self, state: MoAState, config: RunnableConfig) -> dict[str, Any]:
-        runnable, messages, child_config = self._aggregator_call(state, config)
         started = time.perf_counter()
-        aggregate = await runnable.ainvoke(messages, child_config)
+        aggregate = await calls.ainvoke(self._call(state), config)
         return self._finish(state, aggregate, started)
 
 
@@ -514,7 +428,7 @@ def build_moa_graph(
         aggregator_prompt=aggregator_prompt,
         proposer_timeout=proposer_timeout,
         min_proposers=min_proposers,
-        aggregator_tags=VISIBLE_AGGREGATOR_TAGS,
+        aggregator_hidden=False,
     )
     nodes = _MoANodes(
         engine,

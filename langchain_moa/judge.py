@@ -35,13 +35,13 @@ from typing import Any, Literal
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
-from langchain_core.runnables import Runnable
-from langchain_core.runnables.config import ContextThreadPoolExecutor
+from langchain_core.runnables import Runnable, RunnableConfig
 
-from langchain_moa.engine import sum_usage
+from langchain_moa import calls
+from langchain_moa.calls import CallResult, ModelCall, sum_usage
 from langchain_moa.errors import MoAError
 from langchain_moa.models import model_label, resolve_model
-from langchain_moa.redaction import redact
+from langchain_moa.redaction import register_models
 from langchain_moa.references import inject_references
 
 Mode = Literal["pairwise", "pointwise"]
@@ -162,8 +162,8 @@ class JudgeResult:
 
 
 @dataclass
-class _Call:
-    """One judge request (a pair in one order, or one candidate)."""
+class _Request:
+    """One judge request (a pair in one order, or one candidate) and its attempts."""
 
     judge: int  # index into judges; -1 = the aggregator
     key: tuple  # ("pair", i, j, order) or ("point", i)
@@ -172,6 +172,88 @@ class _Call:
     parsed: Any = None
     error: str | None = None
     usage: list[Any] = field(default_factory=list)
+
+    @property
+    def settled(self) -> bool:
+        """A usable verdict, or asked twice (then it counts as an abstention)."""
+        return self.parsed is not None or len(self.raw) >= 2
+
+
+# ------------------------------------------------------------------------ modes
+
+
+class PairwiseMode:
+    """Every pair of candidates, MT-Bench style verdicts; scores are win rates."""
+
+    name = "pairwise"
+    instructions = PAIRWISE_INSTRUCTIONS
+    scoring = "win rate"
+    min_candidates = 2
+
+    def requests(self, prompt: str, candidates: Sequence[str], swap: bool) -> list[tuple]:
+        """(key, user text) for each pair, in both orders when `swap`."""
+        found = []
+        for i, j in itertools.combinations(range(len(candidates)), 2):
+            orders = [(i, j, 0), (j, i, 1)] if swap else [(i, j, 0)]
+            for a, b, order in orders:
+                body = (
+                    "[User request]\n" + prompt + "\n\n[Answer A]\n" + candidates[a]
+                    + "\n\n[Answer B]\n" + candidates[b]
+                )  # fmt: skip
+                found.append((("pair", i, j, order), body))
+        return found
+
+    def parse(self, text: str) -> str | None:
+        return parse_pairwise(text)
+
+    def points(self, deciding: Sequence[_Request], n: int) -> list[list[float]]:
+        """Per candidate, the points of every (pair, judge) vote it took part in."""
+        points: list[list[float]] = [[] for _ in range(n)]
+        votes: dict[tuple, list[float]] = {}  # (judge, i, j) -> points for i, per order
+        for request in deciding:
+            if request.parsed is None:
+                continue
+            _, i, j, order = request.key
+            winner_first = {"A": 1.0, "B": 0.0, "C": 0.5}[request.parsed]
+            votes.setdefault((request.judge, i, j), []).append(
+                winner_first if order == 0 else 1.0 - winner_first
+            )
+        for (_judge, i, j), per_order in votes.items():
+            vote = sum(per_order) / len(per_order)
+            points[i].append(vote)
+            points[j].append(1.0 - vote)
+        return points
+
+
+class PointwiseMode:
+    """Every candidate alone, rated 1-10; scores are mean ratings."""
+
+    name = "pointwise"
+    instructions = POINTWISE_INSTRUCTIONS
+    scoring = "mean rating"
+    min_candidates = 1
+
+    def requests(self, prompt: str, candidates: Sequence[str], swap: bool) -> list[tuple]:
+        return [
+            (("point", i), "[User request]\n" + prompt + "\n\n[Answer]\n" + candidate)
+            for i, candidate in enumerate(candidates)
+        ]
+
+    def parse(self, text: str) -> float | None:
+        return parse_rating(text)
+
+    def points(self, deciding: Sequence[_Request], n: int) -> list[list[float]]:
+        points: list[list[float]] = [[] for _ in range(n)]
+        for request in deciding:
+            if request.parsed is not None:
+                points[request.key[1]].append(float(request.parsed))
+        return points
+
+
+MODES: dict[str, PairwiseMode | PointwiseMode] = {
+    "pairwise": PairwiseMode(),
+    "pointwise": PointwiseMode(),
+}
 
 
 def _prompt_text(prompt: str | Sequence[BaseMessage] | Sequence[dict]) -> str:
@@ -210,10 +292,12 @@ class MoAJudge:
         servers only, e.g. the embedded local model)."""
         if not judges:
             raise ValueError("MoAJudge needs at least one judge model: judges=[...]")
-        if mode not in ("pairwise", "pointwise"):
+        if mode not in MODES:
             raise ValueError(f"mode must be 'pairwise' or 'pointwise', got {mode!r}")
         if isinstance(criteria, str) and criteria != "dynamic":
             raise ValueError("criteria must be a list of strings, 'dynamic' or None")
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1 or None, got {max_concurrency!r}")
         self.judges = [_as_model(j, f"judges[{i}]") for i, j in enumerate(judges)]
         self.aggregator = _as_model(aggregator, "aggregator") if aggregator else None
         self.mode: Mode = mode
@@ -226,141 +310,125 @@ class MoAJudge:
         )
         self.max_concurrency = max_concurrency
         self.grammar = grammar
+        register_models([*self.judges, self.aggregator, self.criteria_model])
 
     def __repr__(self) -> str:
         names = ", ".join(model_label(j) for j in self.judges)
         agg = model_label(self.aggregator) if self.aggregator else None
         return f"MoAJudge(judges=[{names}], aggregator={agg}, mode={self.mode!r}, swap={self.swap})"
 
+    @property
+    def _mode(self) -> PairwiseMode | PointwiseMode:
+        return MODES[self.mode]
+
     # ---------------------------------------------------------------- requests
     def _system(self, criteria: list[str]) -> str:
-        text = PAIRWISE_INSTRUCTIONS if self.mode == "pairwise" else POINTWISE_INSTRUCTIONS
+        text = self._mode.instructions
         if criteria:
             text += "\n\nWeigh these criteria in particular:" + "".join(
                 f"\n- {c}" for c in criteria
             )
         return text
 
-    def _calls(self, prompt: str, candidates: Sequence[str], criteria: list[str]) -> list[_Call]:
+    def _requests(
+        self, prompt: str, candidates: Sequence[str], criteria: list[str]
+    ) -> list[_Request]:
         system = self._system(criteria)
-        calls: list[_Call] = []
-        if self.mode == "pairwise":
-            for i, j in itertools.combinations(range(len(candidates)), 2):
-                orders = [(i, j, 0), (j, i, 1)] if self.swap else [(i, j, 0)]
-                for a, b, order in orders:
-                    body = (
-                        "[User request]\n" + prompt + "\n\n[Answer A]\n" + candidates[a]
-                        + "\n\n[Answer B]\n" + candidates[b]
-                    )  # fmt: skip
-                    for k in range(len(self.judges)):
-                        calls.append(
-                            _Call(
-                                k,
-                                ("pair", i, j, order),
-                                [SystemMessage(system), HumanMessage(body)],
-                            )
-                        )
-        else:
-            for i, candidate in enumerate(candidates):
-                body = "[User request]\n" + prompt + "\n\n[Answer]\n" + candidate
-                for k in range(len(self.judges)):
-                    calls.append(
-                        _Call(k, ("point", i), [SystemMessage(system), HumanMessage(body)])
-                    )
-        return calls
+        return [
+            _Request(k, key, [SystemMessage(system), HumanMessage(body)])
+            for key, body in self._mode.requests(prompt, candidates, self.swap)
+            for k in range(len(self.judges))
+        ]
 
-    def _parse(self, text: str) -> Any:
-        return parse_pairwise(text) if self.mode == "pairwise" else parse_rating(text)
-
-    def _aggregator_calls(self, calls: list[_Call]) -> list[_Call]:
+    def _aggregator_requests(self, requests: list[_Request]) -> list[_Request]:
         """One aggregator request per pair-order / candidate, judges' reviews injected."""
-        grouped: dict[tuple, list[_Call]] = {}
-        for call in calls:
-            grouped.setdefault(call.key, []).append(call)
+        grouped: dict[tuple, list[_Request]] = {}
+        for request in requests:
+            grouped.setdefault(request.key, []).append(request)
         result = []
         for key, group in grouped.items():
-            reviews = [c.raw[-1].strip() for c in group if c.parsed is not None and c.raw]
-            if not reviews:
-                continue
-            messages = inject_references(group[0].messages, reviews, AGGREGATOR_INSTRUCTIONS)
-            result.append(_Call(-1, key, messages))
+            reviews = [r.raw[-1].strip() for r in group if r.parsed is not None and r.raw]
+            if reviews:
+                messages = inject_references(group[0].messages, reviews, AGGREGATOR_INSTRUCTIONS)
+                result.append(_Request(-1, key, messages))
         return result
 
     # ----------------------------------------------------------------- running
-    def _model(self, call: _Call) -> Any:
-        model = self.aggregator if call.judge < 0 else self.judges[call.judge]
+    def _call(self, request: _Request) -> ModelCall:
+        """The call-layer request: hidden from message streams, named in errors."""
+        model = self.aggregator if request.judge < 0 else self.judges[request.judge]
         if self.grammar:
-            return model.bind(extra_body={"grammar": VERDICT_GRAMMARS[self.mode]})  # type: ignore[union-attr]
-        return model
+            model = model.bind(extra_body={"grammar": VERDICT_GRAMMARS[self.mode]})  # type: ignore[union-attr]
+        role = "judge aggregator" if request.judge < 0 else f"judge {request.judge + 1}"
+        return ModelCall(
+            model=model,
+            messages=request.messages,
+            role=role,
+            kind="judge",
+            metadata={"moa_judge": request.judge, "moa_judge_key": list(request.key)},
+        )
 
-    def _record(self, call: _Call, message: Any = None, exc: BaseException | None = None) -> bool:
-        """Store one attempt; True when the call is settled (usable, or asked twice)."""
-        if exc is not None:
-            call.raw.append("")
-            call.error = (
-                f"{type(exc).__name__}: {redact(str(exc)).splitlines()[0] if str(exc) else ''}"
-            )
-        else:
-            call.raw.append(message.text)
-            call.usage.append(message.usage_metadata)
-            call.parsed = self._parse(message.text)
-            call.error = None if call.parsed is not None else "unparseable verdict"
-        return call.parsed is not None or len(call.raw) >= 2
-
-    def _run_sync(self, calls: list[_Call]) -> None:
-        def work(call: _Call) -> None:
-            while True:
-                try:
-                    message = self._model(call).invoke(call.messages)
-                    settled = self._record(call, message)
-                except Exception as exc:
-                    settled = self._record(call, exc=exc)
-                if settled:
-                    return
-
-        if not calls:
+    def _record(self, request: _Request, result: CallResult) -> None:
+        if result.error is not None:
+            request.raw.append("")
+            request.error = result.error.reason
             return
-        workers = min(len(calls), self.max_concurrency or 32)
-        with ContextThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(work, calls))
+        assert result.message is not None
+        request.raw.append(result.message.text)
+        request.usage.append(result.message.usage_metadata)
+        request.parsed = self._mode.parse(result.message.text)
+        request.error = None if request.parsed is not None else "unparseable verdict"
 
-    async def _run_async(self, calls: list[_Call]) -> None:
-        gate = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency else None
+    def _limit(self, config: RunnableConfig | None) -> int | None:
+        return self.max_concurrency or (config or {}).get("max_concurrency")
 
-        async def work(call: _Call) -> None:
-            while True:
-                try:
-                    if gate:
-                        async with gate:
-                            message = await self._model(call).ainvoke(call.messages)
-                    else:
-                        message = await self._model(call).ainvoke(call.messages)
-                    settled = self._record(call, message)
-                except Exception as exc:
-                    settled = self._record(call, exc=exc)
-                if settled:
-                    return
+    def _run_sync(self, requests: list[_Request], config: RunnableConfig | None) -> None:
+        """Ask every request; ask the unsettled ones once more (then they abstain)."""
+        while pending := [r for r in requests if not r.settled]:
+            results = calls.run_all(
+                [self._call(r) for r in pending], config, max_concurrency=self._limit(config)
+            )
+            for request, result in zip(pending, results, strict=True):
+                self._record(request, result)
 
-        await asyncio.gather(*(work(c) for c in calls))
+    async def _run_async(self, requests: list[_Request], config: RunnableConfig | None) -> None:
+        while pending := [r for r in requests if not r.settled]:
+            results = await calls.arun_all(
+                [self._call(r) for r in pending], config, max_concurrency=self._limit(config)
+            )
+            for request, result in zip(pending, results, strict=True):
+                self._record(request, result)
 
     # ---------------------------------------------------------------- criteria
-    def _criteria_request(self, prompt: str) -> list[BaseMessage]:
-        return [SystemMessage(CRITERIA_INSTRUCTIONS), HumanMessage("[User request]\n" + prompt)]
+    def _criteria_call(self, prompt: str) -> ModelCall:
+        return ModelCall(
+            model=self.criteria_model,
+            messages=[
+                SystemMessage(CRITERIA_INSTRUCTIONS),
+                HumanMessage("[User request]\n" + prompt),
+            ],
+            role="criteria model",
+            kind="judge",
+        )
 
     def _criteria_from(self, text: str, prompt: str) -> tuple[list[str], dict]:
         proposed = [line for line in text.splitlines() if line.strip()]
         kept, dropped = filter_criteria(proposed, prompt)
         return kept, {"proposed": proposed, "kept": kept, "dropped": dropped}
 
-    def _static_criteria(self) -> list[str]:
-        return list(self.criteria) if isinstance(self.criteria, (list, tuple)) else []
+    def _static_criteria(self) -> tuple[list[str], dict]:
+        given = list(self.criteria) if isinstance(self.criteria, (list, tuple)) else []
+        return given, {"given": given}
 
     # ----------------------------------------------------------------- scoring
     def _validate(self, candidates: Sequence[str]) -> None:
-        if self.mode == "pairwise" and len(candidates) < 2:
-            raise ValueError("pairwise judging needs at least 2 candidates")
-        if not candidates:
-            raise ValueError("no candidates to judge")
+        needed = self._mode.min_candidates
+        if len(candidates) < needed:
+            plural = "s" if needed > 1 else ""
+            raise ValueError(
+                f"{self.mode} judging needs at least {needed} candidate{plural}, "
+                f"got {len(candidates)}"
+            )
         for i, c in enumerate(candidates):
             if not isinstance(c, str):
                 raise ValueError(f"candidate {i} must be a string, got {type(c).__name__}")
@@ -368,39 +436,20 @@ class MoAJudge:
     def _result(
         self,
         candidates: Sequence[str],
-        calls: list[_Call],
-        agg_calls: list[_Call],
+        requests: list[_Request],
+        agg_requests: list[_Request],
         criteria_info: dict,
     ) -> JudgeResult:
-        deciding = agg_calls if self.aggregator is not None else calls
+        deciding = agg_requests if self.aggregator is not None else requests
         n = len(candidates)
-        points: list[list[float]] = [[] for _ in range(n)]
-        if self.mode == "pairwise":
-            votes: dict[tuple, list[float]] = {}  # (judge, i, j) -> points for i, per order
-            for call in deciding:
-                if call.parsed is None:
-                    continue
-                _, i, j, order = call.key
-                winner_first = {"A": 1.0, "B": 0.0, "C": 0.5}[call.parsed]
-                points_i = winner_first if order == 0 else 1.0 - winner_first
-                votes.setdefault((call.judge, i, j), []).append(points_i)
-            for (_judge, i, j), per_order in votes.items():
-                vote = sum(per_order) / len(per_order)
-                points[i].append(vote)
-                points[j].append(1.0 - vote)
-        else:
-            for call in deciding:
-                if call.parsed is not None:
-                    points[call.key[1]].append(float(call.parsed))
-        usable = sum(len(p) for p in points)
-        if usable == 0:
-            errors = sorted({c.error for c in [*calls, *agg_calls] if c.error})
+        points = self._mode.points(deciding, n)
+        if sum(len(p) for p in points) == 0:
+            errors = sorted({r.error for r in [*requests, *agg_requests] if r.error})
             raise JudgeError(
                 f"no usable verdict from {len(self.judges)} judge(s) on {n} candidates: "
                 + ("; ".join(errors) or "no answers")
             )
-        floor = 0.0
-        scores = [sum(p) / len(p) if p else floor for p in points]
+        scores = [sum(p) / len(p) if p else 0.0 for p in points]
         best, worst = max(scores), min(scores)
         chosen = min(i for i, s in enumerate(scores) if s == best)
         rejected = max(i for i, s in enumerate(scores) if s == worst)
@@ -410,16 +459,18 @@ class MoAJudge:
             "all_equal": best == worst,
         }
 
-        def describe(call: _Call) -> dict[str, Any]:
-            judge = "aggregator" if call.judge < 0 else call.judge
-            model = model_label(self.aggregator if call.judge < 0 else self.judges[call.judge])
+        def describe(request: _Request) -> dict[str, Any]:
+            judge = "aggregator" if request.judge < 0 else request.judge
+            model = model_label(
+                self.aggregator if request.judge < 0 else self.judges[request.judge]
+            )
             return {
-                "judge": judge, "model": model, "key": list(call.key), "verdict": call.parsed,
-                "raw": call.raw, "attempts": len(call.raw), "error": call.error,
-                "abstained": call.parsed is None,
+                "judge": judge, "model": model, "key": list(request.key),
+                "verdict": request.parsed, "raw": request.raw, "attempts": len(request.raw),
+                "error": request.error, "abstained": request.parsed is None,
             }  # fmt: skip
 
-        everything = calls + agg_calls
+        everything = requests + agg_requests
         return JudgeResult(
             scores=scores,
             chosen=chosen,
@@ -427,46 +478,59 @@ class MoAJudge:
             details={
                 "mode": self.mode,
                 "swap": self.swap,
-                "scoring": "win rate" if self.mode == "pairwise" else "mean rating",
+                "scoring": self._mode.scoring,
                 "votes_per_candidate": [len(p) for p in points],
-                "verdicts": [describe(c) for c in calls],
-                "aggregator_verdicts": [describe(c) for c in agg_calls],
-                "abstentions": sum(c.parsed is None for c in everything),
-                "reasked": sum(len(c.raw) > 1 for c in everything),
+                "verdicts": [describe(r) for r in requests],
+                "aggregator_verdicts": [describe(r) for r in agg_requests],
+                "abstentions": sum(r.parsed is None for r in everything),
+                "reasked": sum(len(r.raw) > 1 for r in everything),
                 "ties": ties,
                 "criteria": criteria_info,
-                "usage": sum_usage([u for c in everything for u in c.usage]),
+                "usage": sum_usage([u for r in everything for u in r.usage]),
             },
         )
 
     # --------------------------------------------------------------- public API
-    def rank(self, prompt: str | Sequence[Any], candidates: Sequence[str]) -> JudgeResult:
-        """Score `candidates` for `prompt` (sync; judge calls run concurrently in threads)."""
+    def rank(
+        self,
+        prompt: str | Sequence[Any],
+        candidates: Sequence[str],
+        config: RunnableConfig | None = None,
+    ) -> JudgeResult:
+        """Score `candidates` for `prompt` (sync; judge calls run concurrently in threads).
+
+        `config` parents the judge calls (callbacks, tags) and may set ``max_concurrency``.
+        """
         self._validate(candidates)
         text = _prompt_text(prompt)
-        criteria, info = self._static_criteria(), {"given": self._static_criteria()}
+        criteria, info = self._static_criteria()
         if self.criteria == "dynamic":
-            reply = self.criteria_model.invoke(self._criteria_request(text))
+            reply = calls.invoke(self._criteria_call(text), config)
             criteria, info = self._criteria_from(reply.text, text)
-        calls = self._calls(text, candidates, criteria)
-        self._run_sync(calls)
-        agg_calls = self._aggregator_calls(calls) if self.aggregator is not None else []
-        self._run_sync(agg_calls)
-        return self._result(candidates, calls, agg_calls, info)
+        requests = self._requests(text, candidates, criteria)
+        self._run_sync(requests, config)
+        agg_requests = self._aggregator_requests(requests) if self.aggregator is not None else []
+        self._run_sync(agg_requests, config)
+        return self._result(candidates, requests, agg_requests, info)
 
-    async def arank(self, prompt: str | Sequence[Any], candidates: Sequence[str]) -> JudgeResult:
+    async def arank(
+        self,
+        prompt: str | Sequence[Any],
+        candidates: Sequence[str],
+        config: RunnableConfig | None = None,
+    ) -> JudgeResult:
         """Async `rank`: judge calls run concurrently as asyncio tasks."""
         self._validate(candidates)
         text = _prompt_text(prompt)
-        criteria, info = self._static_criteria(), {"given": self._static_criteria()}
+        criteria, info = self._static_criteria()
         if self.criteria == "dynamic":
-            reply = await self.criteria_model.ainvoke(self._criteria_request(text))
+            reply = await calls.ainvoke(self._criteria_call(text), config)
             criteria, info = self._criteria_from(reply.text, text)
-        calls = self._calls(text, candidates, criteria)
-        await self._run_async(calls)
-        agg_calls = self._aggregator_calls(calls) if self.aggregator is not None else []
-        await self._run_async(agg_calls)
-        return self._result(candidates, calls, agg_calls, info)
+        requests = self._requests(text, candidates, criteria)
+        await self._run_async(requests, config)
+        agg_requests = self._aggregator_requests(requests) if self.aggregator is not None else []
+        await self._run_async(agg_requests, config)
+        return self._result(candidates, requests, agg_requests, info)
 
     def rank_batch(self, items: Sequence[tuple[Any, Sequence[str]]]) -> list[JudgeResult]:
         return [self.rank(prompt, candidates) for prompt, candidates in items]

@@ -13,7 +13,7 @@ import operator
 from typing import Annotated, Any
 
 from langchain_core.messages import AIMessage, AnyMessage
-from langchain_core.runnables import RunnableLambda
+from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from typing_extensions import TypedDict
@@ -66,13 +66,13 @@ def _update(result: Any, candidates: list[str]) -> dict[str, Any]:
 def judge_node(judge: MoAJudge) -> RunnableLambda:
     """A node scoring ``state["candidates"]`` for the state's prompt (sync and async)."""
 
-    def run(state: JudgeState) -> dict[str, Any]:
+    def run(state: JudgeState, config: RunnableConfig) -> dict[str, Any]:
         candidates = list(state.get("candidates") or [])
-        return _update(judge.rank(_prompt_of(state), candidates), candidates)
+        return _update(judge.rank(_prompt_of(state), candidates, config), candidates)
 
-    async def arun(state: JudgeState) -> dict[str, Any]:
+    async def arun(state: JudgeState, config: RunnableConfig) -> dict[str, Any]:
         candidates = list(state.get("candidates") or [])
-        return _update(await judge.arank(_prompt_of(state), candidates), candidates)
+        return _update(await judge.arank(_prompt_of(state), candidates, config), candidates)
 
     return RunnableLambda(run, afunc=arun, name="judge")
 
@@ -98,12 +98,12 @@ def build_judge_graph(
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
 
-    async def agenerate(state: JudgeState) -> dict[str, Any]:
-        candidates = await sample_candidates(generator, _as_dicts(_prompt_of(state)), n)
+    async def agenerate(state: JudgeState, config: RunnableConfig) -> dict[str, Any]:
+        candidates = await sample_candidates(generator, _as_dicts(_prompt_of(state)), n, config)
         return {"candidates": candidates, "attempts": state.get("attempts", 0) + 1}
 
-    def generate(state: JudgeState) -> dict[str, Any]:
-        candidates = sample_candidates_sync(generator, _as_dicts(_prompt_of(state)), n)
+    def generate(state: JudgeState, config: RunnableConfig) -> dict[str, Any]:
+        candidates = sample_candidates_sync(generator, _as_dicts(_prompt_of(state)), n, config)
         return {"candidates": candidates, "attempts": state.get("attempts", 0) + 1}
 
     def route(state: JudgeState) -> str:

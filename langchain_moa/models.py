@@ -16,8 +16,11 @@ from langchain_moa.redaction import redact
 ModelSpec = BaseChatModel | str
 
 
-def resolve_model(spec: Any, *, role: str) -> BaseChatModel:
-    """Return a chat model for `spec`, or raise a `ValueError` that names `role`."""
+def resolve_model(spec: Any, *, role: str, **options: Any) -> BaseChatModel:
+    """Return a chat model for `spec`, or raise a `ValueError` that names `role`.
+
+    `options` (e.g. ``api_key``) are passed to ``init_chat_model`` for model strings.
+    """
     if isinstance(spec, BaseChatModel):
         return spec
     if isinstance(spec, str):
@@ -28,7 +31,7 @@ def resolve_model(spec: Any, *, role: str) -> BaseChatModel:
         except ImportError as exc:  # pragma: no cover - langchain is a dependency
             raise ValueError(f"{role}: model strings need the 'langchain' package") from exc
         try:
-            return init_chat_model(spec)
+            return init_chat_model(spec, **options)
         except Exception as exc:  # provider-specific errors: unknown provider, missing key...
             first_line = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else ""
             raise ValueError(

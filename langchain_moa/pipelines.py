@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from langchain_core.messages import convert_to_messages
+from langchain_core.runnables import RunnableConfig
 
+from langchain_moa import calls
+from langchain_moa.calls import CallResult, ModelCall
 from langchain_moa.errors import ConfigError
-from langchain_moa.redaction import redact
+from langchain_moa.redaction import one_line, redact
 
 HF_PREFIX = "hf://datasets/"
 
@@ -228,9 +231,7 @@ async def run_rows(
             try:
                 result = await worker(row)
             except Exception as exc:
-                reason = (
-                    f"{type(exc).__name__}: {redact(str(exc)).splitlines()[0] if str(exc) else ''}"
-                )
+                reason = error_reason(exc)
                 failure = {"id": row.id, "line": row.line, "reason": reason}
                 errors.write(failure)
                 summary.failures.append(failure)
@@ -248,6 +249,14 @@ async def run_rows(
         out.close()
         errors.close()
     return summary
+
+
+def error_reason(exc: BaseException) -> str:
+    """One complete, redacted line for the errors file (call errors already name the model)."""
+    text = one_line(str(exc), limit=2000)
+    if isinstance(exc, (calls.CallError, ConfigError)) or not text:
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
 
 
 # -------------------------------------------------------------------- pipelines
@@ -281,35 +290,49 @@ async def agenerate(
     )  # fmt: skip
 
 
-def _samplers(policy: Any, samples: int) -> list[Any]:
-    """`policy` bound to spread temperatures (0.6-1.2) and distinct seeds, one per sample."""
-    models = []
+def _sample_calls(policy: Any, messages: list[dict[str, Any]], samples: int) -> list[ModelCall]:
+    """One hidden call per sample: `policy` at spread temperatures (0.6-1.2), distinct seeds."""
+    conversation = convert_to_messages(messages)
+    found = []
     for i in range(samples):
         temperature = round(0.6 + 0.6 * i / max(1, samples - 1), 2)
         try:
-            models.append(policy.bind(temperature=temperature, seed=1000 + i))
+            model = policy.bind(temperature=temperature, seed=1000 + i)
         except Exception:  # a model without those options still gives samples
-            models.append(policy)
-    return models
+            model = policy
+        found.append(
+            ModelCall(
+                model=model,
+                messages=conversation,
+                role=f"sample {i + 1}",
+                kind="sample",
+                metadata={"moa_sample": i},
+            )
+        )
+    return found
 
 
-async def sample_candidates(policy: Any, messages: list[dict[str, Any]], samples: int) -> list[str]:
+def _answers(results: list[CallResult]) -> list[str]:
+    """Non-empty sampled answers; raises the first error when no sample answered."""
+    answers = [r.message.text.strip() for r in results if r.message is not None]
+    answers = [a for a in answers if a]
+    if not answers and any(r.error for r in results):
+        raise next(r.error for r in results if r.error)  # type: ignore[misc]
+    return answers
+
+
+async def sample_candidates(
+    policy: Any, messages: list[dict[str, Any]], samples: int, config: RunnableConfig | None = None
+) -> list[str]:
     """`samples` answers from `policy`, concurrently (non-empty ones only)."""
-    conversation = convert_to_messages(messages)
-    answers = await asyncio.gather(
-        *(model.ainvoke(conversation) for model in _samplers(policy, samples))
-    )
-    return [a.text.strip() for a in answers if a.text.strip()]
+    return _answers(await calls.arun_all(_sample_calls(policy, messages, samples), config))
 
 
-def sample_candidates_sync(policy: Any, messages: list[dict[str, Any]], samples: int) -> list[str]:
+def sample_candidates_sync(
+    policy: Any, messages: list[dict[str, Any]], samples: int, config: RunnableConfig | None = None
+) -> list[str]:
     """Sync `sample_candidates`: threads, never a fresh event loop per call."""
-    from langchain_core.runnables.config import ContextThreadPoolExecutor
-
-    conversation = convert_to_messages(messages)
-    with ContextThreadPoolExecutor(max_workers=samples) as pool:
-        answers = list(pool.map(lambda m: m.invoke(conversation), _samplers(policy, samples)))
-    return [a.text.strip() for a in answers if a.text.strip()]
+    return _answers(calls.run_all(_sample_calls(policy, messages, samples), config))
 
 
 async def alabel(

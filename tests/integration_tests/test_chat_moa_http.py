@@ -134,8 +134,8 @@ async def test_quorum_error_over_http_names_failures(server: ScriptedOpenAIServe
     with pytest.raises(MoAError) as info:
         await moa.ainvoke("q")
     message = str(info.value)
-    assert "proposer 0 (p1): OpenAIAuthenticationError: Error code: 401" in message
-    assert "proposer 1 (p2): empty answer" in message
+    assert "proposer 1 (p1): OpenAIAuthenticationError: Error code: 401" in message
+    assert "proposer 2 (p2): empty answer" in message
     assert API_KEY not in message
     assert server.requests_for("agg") == []
 

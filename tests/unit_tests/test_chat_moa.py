@@ -219,8 +219,8 @@ async def test_quorum_failure_names_every_failed_proposer(how: str) -> None:
         await run(moa, "q", how)
     text = str(info.value)
     assert "only 1 of 3 proposers answered in layer 1 (min_proposers=2)" in text
-    assert "proposer 1 (bad1): ValueError: bad request" in text
-    assert "proposer 2 (bad2): TimeoutError: too slow" in text
+    assert "proposer 2 (bad1): ValueError: bad request" in text
+    assert "proposer 3 (bad2): TimeoutError: too slow" in text
     assert [f.model for f in info.value.failures] == ["bad1", "bad2"]
     assert agg.calls == []
 

@@ -36,7 +36,8 @@ from langgraph.graph import START, MessagesState, StateGraph
 from langgraph.types import RetryPolicy
 
 from langchain_moa import ChatMoA, MoAError
-from langchain_moa.engine import VISIBLE_AGGREGATOR_TAGS, Proposal
+from langchain_moa.calls import CallError
+from langchain_moa.engine import Proposal
 from langchain_moa.graph import (
     DEFAULT_RETRY_POLICY,
     agreement,
@@ -222,8 +223,8 @@ async def test_quorum_failure_is_a_clear_error_naming_the_failed(how: str) -> No
         await run_graph(graph, {"messages": [HumanMessage("q")]}, how, config)
     text = str(info.value)
     assert "only 1 of 3 proposers answered in layer 1 (min_proposers=2)" in text
-    assert "proposer 1 (bad1): ValueError: bad request" in text
-    assert "proposer 2 (bad2): empty answer" in text
+    assert "proposer 2 (bad1): ValueError: bad request" in text
+    assert "proposer 3 (bad2): empty answer" in text
     assert [f.model for f in info.value.failures] == ["bad1", "bad2"]
     assert agg.calls == []
     # the failed layer is recorded in the state for inspection
@@ -574,7 +575,7 @@ def test_aggregator_retries_transient_errors_but_never_falls_back_to_a_draft() -
     assert len(agg.calls) == 2
     down = model("agg", fail_always=True, error=ValueError("aggregator rejects"))
     graph = build_moa_graph([model("a", "draft")], down, retry_policy=FAST_RETRY)
-    with pytest.raises(ValueError, match="aggregator rejects"):
+    with pytest.raises(CallError, match=r"^aggregator \(agg\): ValueError: aggregator rejects"):
         graph.invoke({"messages": [HumanMessage("q")]})
 
 
@@ -721,7 +722,7 @@ def test_runs_carry_the_engine_tags() -> None:
     collector = RunCollectorCallbackHandler()
     graph = build_moa_graph([model("a"), model("b")], model("agg"), layers=2)
     graph.invoke({"messages": [HumanMessage("q")]}, {"callbacks": [collector]})
-    assert graph.moa_engine.aggregator_tags == VISIBLE_AGGREGATOR_TAGS
+    assert graph.moa_engine.aggregator_tags == ("moa:aggregator",)
 
     def chat_runs(run: Any) -> list[Any]:
         found = [run] if run.run_type == "llm" else []

@@ -1,0 +1,41 @@
+"""Every private import of langchain-core and langgraph, in one place.
+
+These names are not public API and may move between releases; keeping them here means one
+file to fix when they do. Tested with the minimum versions pinned in pyproject.toml (CI
+runs the unit tests at those minimums) and with the latest releases.
+
+- `var_child_runnable_config`: the context variable LangChain uses to pass a parent's
+  config to runnables called inside it (`ChatMoA` replaces it for its child calls).
+- `configure_hooks`: context-registered callback handlers (``get_usage_metadata_callback``
+  and tracers); `ChatMoA` hides the accounting ones from child calls.
+- `StreamingCallbackHandler`: the handler class behind ``astream_events`` and LangGraph's
+  ``stream_mode="messages"``; child runs must still reach it.
+- `RunnableCallable`: LangGraph's node wrapper with separate sync and async functions,
+  which its own prebuilt agent uses.
+- `node_attempt`: the attempt number of the running node (1-based) for retry decisions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.runnables.config import var_child_runnable_config
+from langchain_core.tracers._streaming import (
+    _StreamingCallbackHandler as StreamingCallbackHandler,
+)
+from langchain_core.tracers.context import _configure_hooks as configure_hooks
+from langgraph._internal._runnable import RunnableCallable
+
+
+def node_attempt(runtime: Any) -> int:
+    """The running LangGraph node's attempt number (1 on the first try)."""
+    return int(runtime.execution_info.node_attempt)
+
+
+__all__ = [
+    "RunnableCallable",
+    "StreamingCallbackHandler",
+    "configure_hooks",
+    "node_attempt",
+    "var_child_runnable_config",
+]

@@ -1,0 +1,551 @@
+"""The call layer: every model call the package makes goes through here.
+
+Proposers, the aggregator, judges, the criteria model and candidate sampling all call
+`invoke` / `ainvoke` / `stream` / `astream` (one call) or `run_all` / `arun_all` (a
+concurrent fan-out). So the guarantees below hold on every face because they exist once:
+
+- **Fan-out**: threads on the sync path, tasks on the async path, never a fresh event
+  loop; at most ``config["max_concurrency"]`` calls at once (as LangChain's executors read
+  it), or no bound when it is unset.
+- **Timeouts that end**: a call with a ``timeout`` is abandoned when its budget runs out.
+  Sync calls then run on *daemon* threads, so a hung provider can never keep the process
+  alive, and the budget is passed down as the client's own request timeout where the model
+  takes one (OpenAI-compatible models), so the socket is closed soon after as well.
+- **Child-run configuration**: each call is a child run tagged ``moa:<kind>``; hidden calls
+  (drafts, judges, samples) also get ``nostream``, so LangGraph's ``stream_mode="messages"``
+  never shows them while tracers still record them.
+- **Errors**: a failure becomes a `CallError` whose text is one line naming the role and
+  the model (``proposer 2 (llama-3): AuthenticationError: ...``) with every known secret
+  removed (see `redaction`). It is raised without the provider's exception attached (that
+  object holds the request, headers included), and it keeps what a retry decision needs:
+  `CallError.transient`, `status_code` and `error_type`.
+- **Accounting**: every result carries the model's answer, its usage and its latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata, add_usage
+from langchain_core.runnables import Runnable, RunnableConfig
+from langgraph.errors import GraphBubbleUp
+
+from langchain_moa.models import model_label
+from langchain_moa.redaction import one_line
+
+NOSTREAM = "nostream"
+"""LangGraph's tag for runs whose tokens must not reach ``stream_mode="messages"``."""
+
+
+# ------------------------------------------------------------------------ errors
+
+_NOT_RETRIED_NAMES = frozenset(
+    {
+        "AuthenticationError",
+        "PermissionDeniedError",
+        "PermissionDenied",
+        "NotFoundError",
+        "NotFound",
+        "BadRequestError",
+        "UnprocessableEntityError",
+        "InvalidArgument",
+    }
+)
+_TRANSIENT_NAMES = frozenset(
+    {
+        # openai / anthropic / mistral style SDKs
+        "APIConnectionError",
+        "APITimeoutError",
+        "RateLimitError",
+        "InternalServerError",
+        "OverloadedError",
+        "ServiceUnavailableError",
+        # httpx transport errors (connect, read, write, pool timeouts, protocol hiccups)
+        "TransportError",
+        "TimeoutException",
+        # google api_core
+        "ServiceUnavailable",
+        "TooManyRequests",
+        "ResourceExhausted",
+        "DeadlineExceeded",
+    }
+)
+_TRANSIENT_STATUS = frozenset({408, 409, 425, 429})
+
+
+def _status_code(exc: BaseException) -> int | None:
+    for holder in (exc, getattr(exc, "response", None)):
+        status = getattr(holder, "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """Whether retrying the same request may succeed.
+
+    Retried: connection errors, client-side timeouts, rate limits (429), request timeouts
+    (408), conflicts (409) and server errors (5xx). Not retried: authentication,
+    permission, not-found and bad-request errors (other 4xx), `ValueError` and `TypeError`
+    (a malformed request fails the same way every time), and anything unrecognised.
+    Provider SDKs are recognised by HTTP status where they expose one, else by class name,
+    so no provider package has to be imported. A `CallError` answers with its own
+    `transient` flag, computed from the provider's error when it was raised.
+    """
+    if isinstance(exc, CallError):
+        return exc.transient
+    if isinstance(exc, (ValueError, TypeError)):
+        return False
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & _NOT_RETRIED_NAMES:
+        return False
+    status = _status_code(exc)
+    if status is not None:
+        return status >= 500 or status in _TRANSIENT_STATUS
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return bool(names & _TRANSIENT_NAMES)
+
+
+class CallError(RuntimeError):
+    """A model call failed. The text is one redacted line naming the role and the model.
+
+    Attributes tell a caller what a retry decision needs, without the provider's exception
+    object (which holds the request, its headers included):
+
+    - ``role``: who was called (``"aggregator"``, ``"proposer 2"``, ``"judge 1"``...);
+    - ``model``: the model's name;
+    - ``error_type``: the provider error's class name (``"RateLimitError"``);
+    - ``status_code``: the HTTP status when there was one;
+    - ``transient``: True when retrying may succeed (see `is_transient_error`);
+    - ``timed_out``: True when the call's own time budget ran out.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        role: str,
+        model: str,
+        error_type: str,
+        status_code: int | None = None,
+        transient: bool = False,
+        timed_out: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.role = role
+        self.model = model
+        self.error_type = error_type
+        self.status_code = status_code
+        self.transient = transient
+        self.timed_out = timed_out
+
+    @property
+    def reason(self) -> str:
+        """The text after ``role (model): ``: what went wrong."""
+        prefix = f"{self.role} ({self.model}): "
+        text = str(self)
+        return text[len(prefix) :] if text.startswith(prefix) else text
+
+    @classmethod
+    def timeout(cls, role: str, model: str, seconds: float) -> CallError:
+        return cls(
+            f"{role} ({model}): TimeoutError: no answer within {seconds:g} s",
+            role=role,
+            model=model,
+            error_type="TimeoutError",
+            transient=True,
+            timed_out=True,
+        )
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, role: str, model: str) -> CallError:
+        """The one-line, redacted `CallError` for a provider's exception."""
+        if isinstance(exc, CallError):  # a nested MoA failed: keep its own account
+            reason, error_type = str(exc), exc.error_type
+        elif isinstance(exc, IndexError):  # langchain-core indexing an empty generation list
+            reason = f"the model returned no answer (empty 'choices'): IndexError: {exc}"
+            error_type = "IndexError"
+        else:
+            text = one_line(str(exc))
+            error_type = type(exc).__name__
+            reason = f"{error_type}: {text}" if text else error_type
+        return cls(
+            one_line(f"{role} ({model}): {reason}", limit=800),
+            role=role,
+            model=model,
+            error_type=error_type,
+            status_code=_status_code(exc),
+            transient=is_transient_error(exc),
+        )
+
+
+# ------------------------------------------------------------------------- calls
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """One request to one model: what to send, who it is, how its run is configured."""
+
+    model: Runnable
+    """A chat model, or a bound one (``model.bind_tools(...)``)."""
+    messages: Sequence[BaseMessage]
+    role: str
+    """Who this is in messages and errors: ``"proposer 2"``, ``"aggregator"``..."""
+    kind: str
+    """The run's tag suffix: ``moa:<kind>`` (proposer, aggregator, judge, sample...)."""
+    hidden: bool = True
+    """Hidden calls get ``nostream``: their tokens never reach a messages stream."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    run_name: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the model call (``stop``, tool options...)."""
+    timeout: float | None = None
+    """Seconds for one attempt; None means no limit."""
+    retries: int = 0
+    """Extra attempts after a transient failure (single calls only; never mid-stream)."""
+
+    @property
+    def model_name(self) -> str:
+        return model_label(self.model)
+
+    @property
+    def tags(self) -> list[str]:
+        return [f"moa:{self.kind}", NOSTREAM] if self.hidden else [f"moa:{self.kind}"]
+
+    def config(self, parent: RunnableConfig | None) -> RunnableConfig:
+        """The child run's config: the parent's callbacks and context, our tags and name."""
+        base: dict[str, Any] = {
+            k: v for k, v in (parent or {}).items() if k not in ("run_id", "run_name")
+        }
+        base["tags"] = [*base.get("tags", []), *self.tags]
+        base["metadata"] = {**base.get("metadata", {}), **self.metadata}
+        if self.run_name:
+            base["run_name"] = self.run_name
+        return base  # type: ignore[return-value]
+
+    def kwargs(self, remaining: float | None) -> dict[str, Any]:
+        """Call options, with the remaining budget as the client's request timeout."""
+        options = {k: v for k, v in self.options.items() if not (k == "stop" and v is None)}
+        if (
+            remaining is not None
+            and "timeout" not in options
+            and _takes_request_timeout(self.model)
+        ):
+            options["timeout"] = max(remaining, 0.001)
+        return options
+
+
+def _takes_request_timeout(model: Any) -> bool:
+    """True for models whose calls accept ``timeout=`` per request (OpenAI's SDK does)."""
+    inner = getattr(model, "bound", model)
+    try:
+        from langchain_openai.chat_models.base import BaseChatOpenAI
+    except ImportError:  # pragma: no cover - langchain-openai is a dependency
+        return False
+    return isinstance(inner, BaseChatOpenAI)
+
+
+@dataclass
+class CallResult:
+    """What one call gave: the answer or the error, and how long it took."""
+
+    call: ModelCall
+    message: AIMessage | None = None
+    error: CallError | None = None
+    latency_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def usage(self) -> UsageMetadata | None:
+        return self.message.usage_metadata if self.message is not None else None
+
+
+def check_timeout(value: Any, name: str) -> float | None:
+    """A timeout setting as seconds or None: ``inf``/None mean no limit; nan, <= 0 refused."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of seconds or None, got {value!r}")
+    if math.isnan(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, inf or None, got {value!r}")
+    return None if math.isinf(value) else float(value)
+
+
+def _error(call: ModelCall, exc: BaseException) -> CallError:
+    return CallError.from_exception(exc, call.role, call.model_name)
+
+
+# --------------------------------------------------------------------- sync path
+
+
+class _Worker:
+    """One call on a daemon thread, started in the caller's context."""
+
+    def __init__(self, call: ModelCall, config: RunnableConfig | None, done: threading.Event):
+        self.call = call
+        self.started = time.perf_counter()
+        self.message: AIMessage | None = None
+        self.exc: BaseException | None = None
+        self.finished = False
+        self._done = done
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run, config), daemon=True, name=f"moa {call.role}"
+        )
+        self._thread.start()
+
+    def _run(self, config: RunnableConfig | None) -> None:
+        try:
+            self.message = _invoke_inline(self.call, config, self.call.timeout)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            self.exc = exc
+        finally:
+            self.finished = True
+            self._done.set()
+
+
+def _invoke_inline(
+    call: ModelCall, config: RunnableConfig | None, remaining: float | None
+) -> AIMessage:
+    return call.model.invoke(list(call.messages), call.config(config), **call.kwargs(remaining))
+
+
+def _settle(worker: _Worker, now: float) -> CallResult:
+    call, latency = worker.call, now - worker.started
+    if not worker.finished:
+        return CallResult(
+            call,
+            error=CallError.timeout(call.role, call.model_name, call.timeout or 0),
+            latency_s=latency,
+        )
+    if worker.exc is not None:
+        if isinstance(worker.exc, (GraphBubbleUp, KeyboardInterrupt, SystemExit)):
+            raise worker.exc
+        return CallResult(call, error=_error(call, worker.exc), latency_s=latency)
+    return CallResult(call, message=worker.message, latency_s=latency)
+
+
+def run_all(
+    calls: Sequence[ModelCall],
+    config: RunnableConfig | None = None,
+    *,
+    max_concurrency: int | None = None,
+) -> list[CallResult]:
+    """Run `calls` concurrently on daemon threads; results in the order of `calls`.
+
+    Never raises for a model's failure: each result holds its `CallError`. At most
+    `max_concurrency` (default: ``config["max_concurrency"]``, else all) run at once; a
+    call's timeout counts from its own start, and a timed-out call frees its slot at once.
+    """
+    limit = max_concurrency or (config or {}).get("max_concurrency") or len(calls) or 1
+    results: list[CallResult | None] = [None] * len(calls)
+    waiting = list(range(len(calls)))[::-1]
+    running: dict[int, _Worker] = {}
+    changed = threading.Event()
+    while waiting or running:
+        while waiting and len(running) < limit:
+            i = waiting.pop()
+            running[i] = _Worker(calls[i], config, changed)
+        now = time.perf_counter()
+        deadlines = [
+            w.started + w.call.timeout for w in running.values() if w.call.timeout is not None
+        ]
+        changed.wait(None if not deadlines else max(0.0, min(deadlines) - now))
+        changed.clear()
+        now = time.perf_counter()
+        for i, worker in list(running.items()):
+            expired = (
+                worker.call.timeout is not None and now >= worker.started + worker.call.timeout
+            )
+            if worker.finished or expired:
+                del running[i]
+                results[i] = _settle(worker, now)
+    return results  # type: ignore[return-value]
+
+
+def _backoff(attempt: int) -> float:
+    return min(0.25 * 2**attempt, 4.0)
+
+
+def _invoke_once(call: ModelCall, config: RunnableConfig | None) -> CallResult:
+    if call.timeout is None:  # no budget to enforce: run in this thread
+        started = time.perf_counter()
+        try:
+            message = _invoke_inline(call, config, None)
+        except (GraphBubbleUp, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            return CallResult(
+                call, error=_error(call, exc), latency_s=time.perf_counter() - started
+            )
+        return CallResult(call, message=message, latency_s=time.perf_counter() - started)
+    return run_all([call], config)[0]
+
+
+def invoke(call: ModelCall, config: RunnableConfig | None = None) -> AIMessage:
+    """One call (sync), retried `call.retries` times on transient errors; raises `CallError`.
+
+    The error is raised outside any exception handler, so the provider's exception (which
+    holds the request, headers included) is never chained to it.
+    """
+    for attempt in range(call.retries + 1):
+        result = _invoke_once(call, config)
+        if result.message is not None:
+            return result.message
+        assert result.error is not None
+        if not result.error.transient or attempt == call.retries:
+            break
+        time.sleep(_backoff(attempt))
+    raise result.error
+
+
+def stream(call: ModelCall, config: RunnableConfig | None = None) -> Iterator[AIMessageChunk]:
+    """Stream one call's chunks (sync); a failure raises `CallError`.
+
+    A transient failure before the first chunk is retried (`call.retries`); once tokens
+    have been shown, never. The timeout goes to the client as its request timeout.
+    """
+    attempt, started = 0, False
+    while True:
+        iterator = call.model.stream(
+            list(call.messages), call.config(config), **call.kwargs(call.timeout)
+        )
+        try:
+            while True:
+                try:
+                    chunk = next(iterator)
+                except StopIteration:
+                    return
+                except (GraphBubbleUp, KeyboardInterrupt):
+                    raise
+                except Exception as exc:
+                    error = _error(call, exc)
+                    break
+                started = True
+                yield chunk  # type: ignore[misc]
+        finally:
+            iterator.close()  # type: ignore[attr-defined]
+        if started or not error.transient or attempt >= call.retries:
+            raise error
+        time.sleep(_backoff(attempt))
+        attempt += 1
+
+
+# -------------------------------------------------------------------- async path
+
+
+async def _ainvoke_inline(call: ModelCall, config: RunnableConfig | None) -> AIMessage:
+    return await call.model.ainvoke(
+        list(call.messages), call.config(config), **call.kwargs(call.timeout)
+    )
+
+
+async def _arun_one(
+    call: ModelCall, config: RunnableConfig | None, gate: asyncio.Semaphore | None
+) -> CallResult:
+    if gate is not None:
+        async with gate:
+            return await _arun_one(call, config, None)
+    started = time.perf_counter()
+
+    async def guarded() -> tuple[AIMessage | None, Exception | None]:
+        # The model's own errors are caught inside, so a TimeoutError reaching wait_for
+        # below can only be our budget running out (providers raise TimeoutError too).
+        try:
+            return await _ainvoke_inline(call, config), None
+        except GraphBubbleUp:
+            raise
+        except Exception as exc:
+            return None, exc
+
+    try:
+        message, exc = await asyncio.wait_for(guarded(), call.timeout)
+    except asyncio.TimeoutError:
+        return CallResult(
+            call,
+            error=CallError.timeout(call.role, call.model_name, call.timeout or 0),
+            latency_s=time.perf_counter() - started,
+        )
+    latency = time.perf_counter() - started
+    if exc is not None:
+        return CallResult(call, error=_error(call, exc), latency_s=latency)
+    return CallResult(call, message=message, latency_s=latency)
+
+
+async def arun_all(
+    calls: Sequence[ModelCall],
+    config: RunnableConfig | None = None,
+    *,
+    max_concurrency: int | None = None,
+) -> list[CallResult]:
+    """Async `run_all`: concurrent tasks, at most `max_concurrency` at once."""
+    limit = max_concurrency or (config or {}).get("max_concurrency")
+    gate = asyncio.Semaphore(limit) if limit and limit < len(calls) else None
+    return list(await asyncio.gather(*(_arun_one(c, config, gate) for c in calls)))
+
+
+async def ainvoke(call: ModelCall, config: RunnableConfig | None = None) -> AIMessage:
+    """One call (async), retried like `invoke`; raises `CallError`."""
+    for attempt in range(call.retries + 1):
+        result = await _arun_one(call, config, None)
+        if result.message is not None:
+            return result.message
+        assert result.error is not None
+        if not result.error.transient or attempt == call.retries:
+            break
+        await asyncio.sleep(_backoff(attempt))
+    raise result.error
+
+
+async def astream(
+    call: ModelCall, config: RunnableConfig | None = None
+) -> AsyncIterator[AIMessageChunk]:
+    """Async `stream`."""
+    attempt, started = 0, False
+    while True:
+        iterator = call.model.astream(
+            list(call.messages), call.config(config), **call.kwargs(call.timeout)
+        )
+        try:
+            while True:
+                try:
+                    chunk = await iterator.__anext__()
+                except StopAsyncIteration:
+                    return
+                except GraphBubbleUp:
+                    raise
+                except Exception as exc:
+                    error = _error(call, exc)
+                    break
+                started = True
+                yield chunk  # type: ignore[misc]
+        finally:
+            await iterator.aclose()  # type: ignore[attr-defined]
+        if started or not error.transient or attempt >= call.retries:
+            raise error
+        await asyncio.sleep(_backoff(attempt))
+        attempt += 1
+
+
+# -------------------------------------------------------------------- accounting
+
+
+def sum_usage(usages: Sequence[UsageMetadata | dict | None]) -> UsageMetadata | None:
+    """Add token counts; ``None`` when no call reported usage."""
+    total: UsageMetadata | None = None
+    for usage in usages:
+        if usage:
+            total = add_usage(total, usage)  # type: ignore[arg-type]
+    return total
