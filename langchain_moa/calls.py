@@ -39,7 +39,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph.errors import GraphBubbleUp
 
 from langchain_moa.models import model_label
-from langchain_moa.redaction import one_line
+from langchain_moa.redaction import one_line, register_models
 
 NOSTREAM = "nostream"
 """LangGraph's tag for runs whose tokens must not reach ``stream_mode="messages"``."""
@@ -245,13 +245,16 @@ class ModelCall:
 
 
 def _takes_request_timeout(model: Any) -> bool:
-    """True for models whose calls accept ``timeout=`` per request (OpenAI's SDK does)."""
+    """True for models whose calls accept ``timeout=`` per request (OpenAI's SDK does).
+
+    Checked by class name, without importing langchain-openai: an import here would run
+    on the first call, inside its time budget, holding the import lock.
+    """
     inner = getattr(model, "bound", model)
-    try:
-        from langchain_openai.chat_models.base import BaseChatOpenAI
-    except ImportError:  # pragma: no cover - langchain-openai is a dependency
-        return False
-    return isinstance(inner, BaseChatOpenAI)
+    return any(
+        cls.__name__ == "BaseChatOpenAI" and cls.__module__.startswith("langchain_openai")
+        for cls in type(inner).__mro__
+    )
 
 
 @dataclass
@@ -284,6 +287,9 @@ def check_timeout(value: Any, name: str) -> float | None:
 
 
 def _error(call: ModelCall, exc: BaseException) -> CallError:
+    # Learn the failing model's keys first: a model no face registered (a sampling
+    # policy, a user's bound model) may be the one whose key the provider echoes.
+    register_models([call.model])
     return CallError.from_exception(exc, call.role, call.model_name)
 
 

@@ -8,8 +8,9 @@ Output contract, so the CLI composes with pipes and scripts:
   is a terminal.
 - User mistakes (bad recipe, bad config, missing key, missing model) print one line,
   ``moa: error: ...``, on stderr and exit 2; runtime failures (too few proposers answered,
-  provider errors) exit 1; Ctrl-C exits 130. No traceback unless ``--debug``. Values of
-  environment variables that look like credentials are scrubbed from every error line.
+  provider errors) exit 1; Ctrl-C exits 130. No traceback unless ``--debug``. Every known
+  secret (the models' keys, the variables a config names, credential-like environment
+  variables) is removed from every line printed and every log record (`redaction`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import Any
 
 from rich.console import Console
 
+from langchain_moa.calls import CallError
 from langchain_moa.errors import ConfigError, MoAError
-from langchain_moa.redaction import redact
+from langchain_moa.redaction import install_log_redaction, one_line
 
 EXIT_OK = 0
 EXIT_RUNTIME_ERROR = 1
@@ -36,8 +38,6 @@ EXIT_INTERRUPTED = 130
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-_SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------- models
@@ -157,8 +157,7 @@ def _run_error(error: Any) -> str:
     match = re.fullmatch(r"(\w+)\((['\"])(.*)\2\)", text, re.DOTALL)
     if match:  # RuntimeError('boom') -> RuntimeError: boom
         text = f"{match.group(1)}: {match.group(3)}"
-    lines = redact(text, _env_secrets()).strip().splitlines()
-    return lines[0] if lines else "error"
+    return one_line(text) or "error"
 
 
 def _message_json(message: Any, turn: int, sent: list[Any]) -> str:
@@ -339,7 +338,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"(invoke, stream, batch; playground: /moa/playground)",
         markup=False,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # configured by Config
+        install_log_redaction(logging.getLogger(name))
+    uvicorn.Server(config).run()
     return EXIT_OK
 
 
@@ -371,8 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moa", description="Mixture-of-Agents for LangChain: chat, data, serving."
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks and debug logs (anywhere on the line)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # `moa chat --debug` works like `moa --debug chat` (SUPPRESS: absent, the global stays)
+    add_parser = sub.add_parser
+
+    def add_command(*args: Any, **kwargs: Any) -> argparse.ArgumentParser:
+        command = add_parser(*args, **kwargs)
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+        return command
+
+    sub.add_parser = add_command  # type: ignore[method-assign]
 
     chat = sub.add_parser(
         "chat",
@@ -428,18 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _env_secrets() -> list[str]:
-    """Values of environment variables named like credentials (to scrub from messages)."""
-    return [
-        value
-        for name, value in os.environ.items()
-        if _SECRET_ENV.search(name) and len(value.strip()) >= 8
-    ]
-
-
 def _one_line(exc: BaseException) -> str:
-    text = redact(str(exc), _env_secrets()).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The error as one redacted line (call errors already name the role and model)."""
+    text = one_line(str(exc), limit=1000)
+    if isinstance(exc, (ConfigError, MoAError, ValueError, FileNotFoundError, CallError)):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _fail(message: str, code: int) -> int:
@@ -451,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     if args.debug or getattr(args, "verbose", False):
         logging.getLogger("langchain_moa").setLevel(logging.DEBUG)
     func: Callable[[argparse.Namespace], int] = args.func
@@ -479,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # provider/network failures: still one line
         if args.debug:
             raise
-        return _fail(f"{type(exc).__name__}: {_one_line(exc)}", EXIT_RUNTIME_ERROR)
+        return _fail(_one_line(exc), EXIT_RUNTIME_ERROR)
 
 
 if __name__ == "__main__":  # pragma: no cover

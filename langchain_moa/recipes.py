@@ -20,22 +20,41 @@ Shipped recipes:
 - ``together-moa-lite``: the 2-layer MoA-Lite shape on the same models.
 
 Config files (TOML or YAML) describe any OpenAI-compatible endpoints; see docs/recipes.md.
-Every mistake in one is a one-line `ConfigError` naming the file and the field.
+`ModelEntry` and `Recipe` are frozen pydantic models with ``extra="forbid"``: the schema is
+the one place that says which fields exist and what they hold, so a typo or a stray field is
+refused instead of silently ignored. Strict types keep ``layers = true`` or ``"5"`` from
+passing as numbers. Every mistake in a config file is a one-line `ConfigError` naming the
+file and the field (pydantic's multi-line `ValidationError` is turned into that line here),
+and every such message is redacted, so a key pasted into the wrong field is never echoed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from langchain_moa.engine import validate_moa_config
 from langchain_moa.errors import ConfigError
+from langchain_moa.redaction import looks_like_secret, redact, register_env
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,54 +63,99 @@ else:  # pragma: no cover
 
 TOGETHER_BASE_URL = "https://api.together.xyz/v1"
 TOGETHER_KEY_ENV = "TOGETHER_API_KEY"
-PROVIDERS = ("openai-compatible", "local")
+Provider = Literal["openai-compatible", "local"]
+PROVIDERS: tuple[str, ...] = get_args(Provider)
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
 
-_NUMBER = (int, float)
-_ENTRY_FIELDS: dict[str, Any] = {
-    "model": str,
-    "base_url": str,
-    "api_key_env": str,
-    "temperature": _NUMBER,
-    "max_tokens": int,
-    "seed": int,
-    "provider": str,
-    "timeout": _NUMBER,
-}
-_TOP_FIELDS: dict[str, Any] = {
-    "name": str,
-    "description": str,
-    "layers": int,
-    "min_proposers": int,
-    "proposer_timeout": _NUMBER,
-    "aggregator_prompt": str,
-    "proposers": list,
-    "aggregator": dict,
-}
 # Fields people reach for that would put a secret in a file: refuse them with a pointer.
 _SECRET_FIELDS = {"api_key", "key", "token", "openai_api_key", "password", "secret"}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
+# StrictFloat takes ints (30 means 30.0) but neither bools nor numeric strings.
+_Seconds = Annotated[StrictFloat, Field(gt=0)]
 
-@dataclass(frozen=True)
-class ModelEntry:
+
+def _config_error(message: str) -> ConfigError:
+    """The one-line, redacted `ConfigError` every mistake in this module becomes.
+
+    Redacted because a key pasted into the wrong field (``model``, ``description``, a
+    recipe name...) would otherwise be echoed to the terminal or a log.
+    """
+    return ConfigError(redact(" ".join(message.splitlines())))
+
+
+class _FieldError(ValueError):
+    """A cross-field check's failure, pinned to the field it is about.
+
+    A model validator's error is located at the model itself; `field` lets the message
+    name ``aggregator.base_url`` rather than just ``aggregator``.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(redact(message))
+        self.field = field
+
+
+class ModelEntry(BaseModel):
     """How to reach one model: an OpenAI-compatible endpoint, or the embedded local server.
 
     Holds the *name* of the environment variable with the key, never the key, so a recipe
     can be printed, logged or put in an error message safely.
     """
 
-    model: str | None = None
+    # hide_input_in_errors: a ValidationError from direct construction must not echo a
+    # value either (api_key_env might be a pasted key).
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, hide_input_in_errors=True, use_attribute_docstrings=True
+    )
+
+    model: StrictStr | None = None
     """Model name at the endpoint; for provider "local", a GGUF path / HF file / None (SmolLM2)."""
-    base_url: str | None = None
-    api_key_env: str | None = None
+    base_url: StrictStr | None = None
+    """The endpoint's OpenAI-compatible base URL (http:// or https://)."""
+    api_key_env: StrictStr | None = None
     """Name of the environment variable holding the key (never the key itself)."""
-    temperature: float | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
-    provider: str = "openai-compatible"
-    timeout: float | None = None
+    temperature: Annotated[StrictFloat, Field(ge=0)] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    seed: StrictInt | None = None
+    provider: Provider = "openai-compatible"
+    timeout: _Seconds | None = None
     """Seconds for one HTTP request (the client's own timeout)."""
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _is_a_variable_name(cls, value: str | None) -> str | None:
+        # The message never quotes the value: it may well be the key itself. Keys such as
+        # gsk_... or AIza... are valid identifiers, so key shapes the redactor knows are
+        # refused too (later messages would otherwise name the "variable"). Shapes only, not
+        # known values, so whether a name is valid does not depend on the environment.
+        if value is not None and (
+            not _ENV_NAME.fullmatch(value) or len(value) > 64 or looks_like_secret(value)
+        ):
+            raise ValueError(
+                "must be the NAME of an environment variable (e.g. TOGETHER_API_KEY), "
+                "not the key itself"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _endpoint_is_complete(self) -> ModelEntry:
+        """An endpoint needs a model name and an http(s) URL; the local model needs neither."""
+        if self.provider == "local":
+            return self
+        if not self.model:
+            raise _FieldError("model", "missing (the model name at the endpoint)")
+        if not self.base_url:
+            raise _FieldError(
+                "base_url",
+                'missing (e.g. https://api.together.xyz/v1), or set provider = "local" for '
+                "the embedded model",
+            )
+        if not re.match(r"https?://", self.base_url):
+            raise _FieldError(
+                "base_url", f"must start with http:// or https://, got {self.base_url!r}"
+            )
+        return self
 
     @property
     def label(self) -> str:
@@ -104,7 +168,9 @@ class ModelEntry:
         """A chat model for this entry; the key is read from the environment now.
 
         Raises a one-line `ConfigError` naming `where`, the model and the variable when a
-        needed key is not set (the value is never shown).
+        needed key is not set (the value is never shown). The variable is registered with
+        `langchain_moa.redaction` first, so its value is masked in every later error and
+        log line, whatever provider echoes it.
         """
         if self.provider == "local":
             from langchain_moa.local import local_chat_model
@@ -124,9 +190,10 @@ class ModelEntry:
         # third-party server.
         api_key = "not-needed"
         if self.api_key_env:
+            register_env(self.api_key_env)
             api_key = os.environ.get(self.api_key_env, "").strip()
             if not api_key:
-                raise ConfigError(
+                raise _config_error(
                     f"{where} ({self.label}) needs an API key: set the environment variable "
                     f"{self.api_key_env}"
                 )
@@ -146,20 +213,73 @@ class ModelEntry:
         )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """A named MoA configuration: which models, how many layers, the quorum and timeout."""
+class Recipe(BaseModel):
+    """A named MoA configuration: which models, how many layers, the quorum and timeout.
 
-    name: str
+    Fields are in config-file order (scalars, then the model tables), which is also the
+    order pydantic checks them in, so the first error reported is the first one a reader
+    meets. Construction runs the engine's own checks (`validate_moa_config`), so a recipe
+    that exists can run.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, hide_input_in_errors=True, use_attribute_docstrings=True
+    )
+
+    name: StrictStr
+    description: StrictStr = ""
+    layers: StrictInt = 2
+    min_proposers: StrictInt = 1
+    proposer_timeout: StrictFloat | None = None
+    """Seconds a proposer layer waits; None (or inf in a file) means no limit."""
+    aggregator_prompt: StrictStr | None = None
     proposers: list[ModelEntry]
     aggregator: ModelEntry
-    layers: int = 2
-    min_proposers: int = 1
-    proposer_timeout: float | None = None
-    aggregator_prompt: str | None = None
-    description: str = ""
-    source: str | None = field(default=None, compare=False)
-    """The config file this recipe came from (None for shipped recipes)."""
+    source: StrictStr | None = None
+    """The config file this recipe came from (None for shipped recipes); not compared."""
+
+    @field_validator("proposer_timeout")
+    @classmethod
+    def _inf_is_no_limit(cls, value: float | None) -> float | None:
+        # The engine's normal form; nan, 0 and negatives are left for it to refuse.
+        return None if value == math.inf else value
+
+    @model_validator(mode="after")
+    def _can_run(self, info: ValidationInfo) -> Recipe:
+        """The engine's checks (quorum, layers, timeout), with its one-line messages."""
+        if self.layers > 1 and not self.proposers:
+            in_file = bool(info.context and info.context.get("config_file"))
+            raise _FieldError(
+                "proposers",
+                "add at least one [[proposers]] entry, or set layers = 1"
+                if in_file
+                else "add at least one proposer, or set layers = 1",
+            )
+        # Returns the normalised timeout, which `_inf_is_no_limit` has already stored (a
+        # frozen model cannot be changed here); raises on nan, 0 and negatives.
+        validate_moa_config(
+            n_proposers=len(self.proposers),
+            layers=self.layers,
+            min_proposers=self.min_proposers,
+            proposer_timeout=self.proposer_timeout,
+        )
+        return self
+
+    def _compared(self) -> tuple[Any, ...]:
+        return tuple(
+            tuple(value) if isinstance(value, list) else value
+            for name, value in self.__dict__.items()
+            if name != "source"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        """Same configuration; where it was read from (`source`) does not count."""
+        if not isinstance(other, Recipe):
+            return NotImplemented
+        return self._compared() == other._compared()
+
+    def __hash__(self) -> int:
+        return hash(self._compared())
 
     @property
     def entries(self) -> list[ModelEntry]:
@@ -174,16 +294,19 @@ class Recipe:
         """The same recipe with every model's answer capped at `max_tokens` tokens.
 
         Used by ``moa chat --max-tokens`` to keep a run short (tests, slow CPUs) without
-        writing a config file.
+        writing a config file. (`model_copy` does not validate, hence the check here.)
         """
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ConfigError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+            raise _config_error(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
 
         def cap(entry: ModelEntry) -> ModelEntry:
-            return dataclasses.replace(entry, max_tokens=max_tokens)
+            return entry.model_copy(update={"max_tokens": max_tokens})
 
-        return dataclasses.replace(
-            self, proposers=[cap(e) for e in self.proposers], aggregator=cap(self.aggregator)
+        return self.model_copy(
+            update={
+                "proposers": [cap(e) for e in self.proposers],
+                "aggregator": cap(self.aggregator),
+            }
         )
 
     def build_models(self) -> tuple[list[Any], Any]:
@@ -287,143 +410,140 @@ def list_recipes() -> list[str]:
 
 # ------------------------------------------------------------------- config files
 
-
-def _type_names(expected: Any) -> str:
-    types = expected if isinstance(expected, tuple) else (expected,)
-    names = {int: "integer", float: "number", str: "string", list: "list", dict: "table"}
-    return " or ".join(names.get(t, t.__name__) for t in types)
-
-
-def _check_type(value: Any, expected: Any, where: str, *, show: bool = True) -> None:
-    # bool is an int subclass: `layers = true` must not pass as 1
-    if isinstance(value, bool) or not isinstance(value, expected):
-        shown = f" {value!r}" if show and not isinstance(value, (dict, list)) else ""
-        raise ConfigError(
-            f"{where}: expected {_type_names(expected)}, got {type(value).__name__}{shown}"
-        )
+# What a config file may set: `source` is filled in by the loader, never by the file.
+_ENTRY_KEYS = tuple(ModelEntry.model_fields)
+_CONFIG_KEYS = tuple(name for name in Recipe.model_fields if name != "source")
+_TYPE_NAMES = {
+    "int_type": "integer",
+    "float_type": "integer or number",  # StrictFloat takes ints too
+    "string_type": "string",
+    "list_type": "list",
+    "model_type": "table",
+    "dict_type": "table",
+}
 
 
-def _unknown(key: str, where: str, known: Any, sep: str = ".") -> ConfigError:
+def _unknown(key: str, known: tuple[str, ...]) -> str:
+    """Why `key` is refused: a secret's name gets the api_key_env pointer, a typo a hint."""
     if key.lower() in _SECRET_FIELDS:
-        return ConfigError(
-            f"{where}{sep}{key}: keys do not belong in config files; put the key in an environment "
-            f"variable and give its name with api_key_env"
+        return (
+            "keys do not belong in config files; put the key in an environment variable "
+            "and give its name with api_key_env"
         )
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    return ConfigError(f"{where}{sep}{key}: unknown field ({hint}known: {', '.join(known)})")
+    return f"unknown field ({hint}known: {', '.join(known)})"
 
 
-def _entry(data: Any, where: str) -> ModelEntry:
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{where}: expected a table of model settings (at least 'model'), "
-            f"got {type(data).__name__}"
-        )
-    for key, value in data.items():
-        if key not in _ENTRY_FIELDS:
-            raise _unknown(str(key), where, _ENTRY_FIELDS)
-        # the api_key_env value might be a pasted key: never echo it
-        _check_type(value, _ENTRY_FIELDS[key], f"{where}.{key}", show=key != "api_key_env")
-    provider = data.get("provider", "openai-compatible")
-    if provider not in PROVIDERS:
-        raise ConfigError(
-            f"{where}.provider: must be one of {', '.join(PROVIDERS)}, got {provider!r}"
-        )
-    env = data.get("api_key_env")
-    if env is not None and (not _ENV_NAME.fullmatch(env) or len(env) > 64):
-        raise ConfigError(
-            f"{where}.api_key_env: must be the NAME of an environment variable "
-            f"(e.g. TOGETHER_API_KEY), not the key itself"
-        )
-    if provider != "local":
-        if not data.get("model"):
-            raise ConfigError(f"{where}.model: missing (the model name at the endpoint)")
-        if not data.get("base_url"):
-            raise ConfigError(
-                f"{where}.base_url: missing (e.g. https://api.together.xyz/v1), "
-                f'or set provider = "local" for the embedded model'
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    """``("proposers", 0, "model")`` -> ``proposers[0].model``."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _describe(exc: ValidationError, source: str, keys: Sequence[Any] = ()) -> str:
+    """The first of pydantic's errors as ``{source}: {field}: {reason}`` on one line.
+
+    Unknown fields go first (a typo usually explains the rest), then the first mistake in
+    the file's own order (`keys`: its top-level keys as written), then shallower errors.
+    The value is quoted for scalars only, and never for ``api_key_env``.
+    """
+    errors = exc.errors()
+    position = {key: i for i, key in enumerate(keys)}
+    error = min(
+        errors,
+        key=lambda e: (
+            e["type"] not in ("extra_forbidden", "invalid_key"),
+            position.get(e["loc"][0] if e["loc"] else None, len(position)),
+            len(e["loc"]),
+        ),
+    )
+    kind, loc, value = error["type"], tuple(error["loc"]), error.get("input")
+    ctx = error.get("ctx") or {}
+    if kind in ("extra_forbidden", "invalid_key"):  # invalid_key: a YAML key like `1:`
+        *where, key = loc
+        reason = _unknown(str(key), _ENTRY_KEYS if where else _CONFIG_KEYS)
+        loc = (*where, str(key))
+    elif kind == "value_error":
+        cause = ctx.get("error")
+        if isinstance(cause, _FieldError):
+            loc = (*loc, cause.field)
+        reason = str(cause) if cause is not None else error["msg"]
+    else:
+        field = next((p for p in reversed(loc) if isinstance(p, str)), "")
+        secret = field == "api_key_env"  # the value might be a pasted key
+        shown = "" if secret or isinstance(value, (dict, list, tuple)) else f" {value!r}"
+        got = f"got {type(value).__name__}{shown}"
+        if kind == "model_type" and loc and isinstance(loc[-1], int):
+            reason = (
+                f"expected a table of model settings (at least 'model'), got {type(value).__name__}"
             )
-        if not re.match(r"https?://", data["base_url"]):
-            raise ConfigError(
-                f"{where}.base_url: must start with http:// or https://, got {data['base_url']!r}"
-            )
-    if "max_tokens" in data and data["max_tokens"] < 1:
-        raise ConfigError(f"{where}.max_tokens: must be >= 1, got {data['max_tokens']}")
-    if "temperature" in data and data["temperature"] < 0:
-        raise ConfigError(f"{where}.temperature: must be >= 0, got {data['temperature']}")
-    if "timeout" in data and data["timeout"] <= 0:
-        raise ConfigError(f"{where}.timeout: must be > 0 seconds, got {data['timeout']}")
-    return ModelEntry(**data)
+        elif kind in _TYPE_NAMES:
+            reason = f"expected {_TYPE_NAMES[kind]}, {got}"
+        elif kind == "missing":
+            hint = " ([aggregator] table with 'model')" if loc == ("aggregator",) else ""
+            reason = f"missing{hint}"
+        elif kind == "literal_error":
+            choices = ", ".join(PROVIDERS) if field == "provider" else ctx.get("expected")
+            reason = f"must be one of {choices}, got{shown or ' ' + type(value).__name__}"
+        elif kind in ("greater_than_equal", "greater_than"):
+            bound, op = (ctx["ge"], ">=") if kind == "greater_than_equal" else (ctx["gt"], ">")
+            unit = " seconds" if field == "timeout" else ""
+            reason = f"must be {op} {bound:g}{unit}, got {value!r}"
+        else:
+            reason = error["msg"]
+    path = _field_path(loc)
+    return f"{source}: {path}: {reason}" if path else f"{source}: {reason}"
 
 
 def recipe_from_dict(data: Any, *, source: str) -> Recipe:
     """Validate a parsed config file; errors name the file and the field."""
     if data is None:
-        raise ConfigError(f"{source}: the file is empty; it needs at least an [aggregator] table")
+        raise _config_error(f"{source}: the file is empty; it needs at least an [aggregator] table")
     if not isinstance(data, dict):
-        raise ConfigError(
+        raise _config_error(
             f"{source}: expected a table/mapping at the top level, got {type(data).__name__}"
         )
-    for key, value in data.items():
-        if key not in _TOP_FIELDS:
-            raise _unknown(str(key), source, _TOP_FIELDS, sep=": ")
-        _check_type(value, _TOP_FIELDS[key], f"{source}: {key}")
-    if "aggregator" not in data:
-        raise ConfigError(f"{source}: aggregator: missing ([aggregator] table with 'model')")
-    proposers = [
-        _entry(item, f"{source}: proposers[{i}]")
-        for i, item in enumerate(data.get("proposers", []))
-    ]
-    aggregator = _entry(data["aggregator"], f"{source}: aggregator")
-    layers = data.get("layers", 2)
-    if layers > 1 and not proposers:
-        raise ConfigError(
-            f"{source}: proposers: add at least one [[proposers]] entry, or set layers = 1"
-        )
-    min_proposers = data.get("min_proposers", 1)
-    proposer_timeout = data.get("proposer_timeout")
+    if "source" in data:
+        raise _config_error(f"{source}: source: {_unknown('source', _CONFIG_KEYS)}")
+    values = {
+        "name": Path(source).stem,
+        "description": f"from {source}",
+        "proposers": [],
+        **data,
+        "source": source,
+    }
     try:
-        validate_moa_config(
-            n_proposers=len(proposers),
-            layers=layers,
-            min_proposers=min_proposers,
-            proposer_timeout=proposer_timeout,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    return Recipe(
-        name=data.get("name", Path(source).stem),
-        description=data.get("description", f"from {source}"),
-        proposers=proposers,
-        aggregator=aggregator,
-        layers=layers,
-        min_proposers=min_proposers,
-        proposer_timeout=proposer_timeout,
-        aggregator_prompt=data.get("aggregator_prompt"),
-        source=source,
-    )
+        return Recipe.model_validate(values, context={"config_file": True})
+    except ValidationError as exc:
+        # `from None`: the ValidationError's own text would quote the values.
+        raise _config_error(_describe(exc, source, list(data))) from None
 
 
 def load_config_file(path: str | Path) -> Recipe:
     """Load a TOML or YAML config file describing the models (see docs/recipes.md)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
+        raise _config_error(f"config file {path} does not exist")
     if not path.is_file():
-        raise ConfigError(f"config file {path} is not a file")
+        raise _config_error(f"config file {path} is not a file")
     suffix = path.suffix.lower()
     if suffix not in CONFIG_SUFFIXES:
-        raise ConfigError(f"{path}: config files must end in .toml, .yaml or .yml")
+        raise _config_error(f"{path}: config files must end in .toml, .yaml or .yml")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the file ({type(exc).__name__})") from None
+        raise _config_error(f"{path}: cannot read the file ({type(exc).__name__})") from None
     if suffix == ".toml":
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+            raise _config_error(f"{path}: invalid TOML: {exc}") from None
     else:
         import yaml
 
@@ -433,7 +553,7 @@ def load_config_file(path: str | Path) -> Recipe:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(exc, "problem", None) or "syntax error"
-            raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+            raise _config_error(f"{path}: invalid YAML{where}: {problem}") from None
     return recipe_from_dict(data, source=str(path))
 
 
@@ -445,7 +565,7 @@ def is_config_path(name_or_path: str) -> bool:
 def load_recipe(name_or_path: str = "local") -> Recipe:
     """A shipped recipe by name, or a config file by path (.toml/.yaml/.yml or existing)."""
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise ConfigError(
+        raise _config_error(
             f"a recipe is a name or a config file path, got {type(name_or_path).__name__}"
         )
     name_or_path = os.fspath(name_or_path)
@@ -455,15 +575,18 @@ def load_recipe(name_or_path: str = "local") -> Recipe:
         return load_config_file(name_or_path)
     close = difflib.get_close_matches(name_or_path, list(RECIPES), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(
+    raise _config_error(
         f"unknown recipe {name_or_path!r}{hint}: choose one of {', '.join(RECIPES)} "
         f"or pass a .toml/.yaml config file"
     )
 
 
 __all__ = [
+    "PROVIDERS",
     "RECIPES",
+    "TOGETHER_AGGREGATOR",
     "TOGETHER_BASE_URL",
+    "TOGETHER_PROPOSERS",
     "ModelEntry",
     "Recipe",
     "list_recipes",

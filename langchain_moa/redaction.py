@@ -37,7 +37,11 @@ _PATTERNS = [
     re.compile(r"\bAIza[A-Za-z0-9_\-]{10,}"),  # Google
     re.compile(r"\b(?:xox[abpr]|ghp|gho|github_pat|glpat)[-_][A-Za-z0-9_\-]{8,}"),
     re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32,64}(?![A-Za-z0-9])"),  # plain hex keys
-    re.compile(r"(?i)\b(bearer|api[-_ ]?key|token|authorization)([\"':= ]+)[A-Za-z0-9_\-.]{8,}"),
+    # a value after a label, with at least one digit (so "API key provided" stays prose)
+    re.compile(
+        r"(?i)\b(bearer|api[-_ ]?key|token|authorization)([\"':= ]+)"
+        r"(?=[A-Za-z_\-.]*\d)[A-Za-z0-9_\-.]{8,}"
+    ),
 ]
 _CREDENTIAL_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL|AUTH", re.IGNORECASE)
 _SECRET_FIELD = re.compile(r"(api_?key|token|secret|password|credential)", re.IGNORECASE)
@@ -136,6 +140,11 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
         else:
             text = pattern.sub(MASK, text)
     return text
+
+
+def looks_like_secret(text: str) -> bool:
+    """True when `text` has the shape of a key or token (the pattern net alone)."""
+    return any(pattern.search(text) for pattern in _PATTERNS)
 
 
 def one_line(text: str, limit: int = 500) -> str:

@@ -47,6 +47,10 @@ class ModelScript:
     """Answer with an empty string."""
     tool_calls: list[dict[str, Any]] | None = None
     """Explicit tool calls to return (each ``{"name": ..., "arguments": {...}}``)."""
+    reject_key: bool = False
+    """Answer 401 quoting the caller's key back, as OpenAI does for a wrong key."""
+    no_choices: bool = False
+    """Answer 200 with an empty ``choices`` list (seen from some gateways)."""
 
 
 @dataclass
@@ -346,6 +350,7 @@ def _make_handler(server: ScriptedOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 self._send_json(400, {"error": {"message": "invalid JSON", "type": "bad_request"}})
                 return
             model = str(body.get("model", "scripted"))
+            caller_key = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
             headers = {
                 k: ("REDACTED" if k.lower() in ("authorization", "api-key") else v)
                 for k, v in self.headers.items()
@@ -358,6 +363,35 @@ def _make_handler(server: ScriptedOpenAIServer) -> type[BaseHTTPRequestHandler]:
             count = server._next_count(model)
             if script.latency:
                 time.sleep(script.latency)
+            if script.reject_key:
+                record.status = 401
+                record.finished = time.perf_counter()
+                message = f"Incorrect API key provided: {caller_key}. You can find your API key at https://platform.openai.com/account/api-keys."
+                self._send_json(
+                    401,
+                    {
+                        "error": {
+                            "message": message,
+                            "type": "invalid_request_error",
+                            "param": None,
+                            "code": "invalid_api_key",
+                        }
+                    },
+                )
+                return
+            if script.no_choices and not body.get("stream"):
+                record.finished = time.perf_counter()
+                self._send_json(
+                    200,
+                    {
+                        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": model,
+                        "choices": [],
+                    },
+                )
+                return
             if script.fail_always or count <= script.fail_times:
                 record.status = script.fail_status
                 record.finished = time.perf_counter()

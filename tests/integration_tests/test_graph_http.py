@@ -7,16 +7,17 @@ errors, and resumption from a checkpoint after the aggregator fails.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
-import openai
 import pytest
 from langchain_core.messages import HumanMessage, SystemMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, MessagesState, StateGraph
 from langgraph.types import RetryPolicy
 
+from langchain_moa.calls import CallError
 from langchain_moa.graph import build_moa_graph, is_transient_error
 from langchain_moa.testing import ModelScript, ScriptedOpenAIServer
 
@@ -113,8 +114,13 @@ async def test_resume_after_aggregator_failure_reuses_the_proposer_layers(
     server.set_script("agg", ModelScript(reply="the merged answer", fail_times=1, fail_status=400))
     parent = parent_of(moa_graph(server), InMemorySaver())
     config = {"configurable": {"thread_id": "http-resume"}}
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(CallError) as info:
         parent.invoke({"messages": [HumanMessage("What is MoA?")]}, config)
+    error = info.value
+    assert re.match(
+        r"aggregator \(agg\): \w*(BadRequest|InvalidRequest)Error: Error code: 400", str(error)
+    )
+    assert (error.status_code, error.transient) == (400, False)
     counts = {n: len(server.requests_for(n)) for n in ("p1", "p2", "agg")}
     assert counts == {"p1": 2, "p2": 2, "agg": 1}
 

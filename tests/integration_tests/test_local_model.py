@@ -113,7 +113,8 @@ def test_server_is_started_once_and_restarts_after_stop(model_path: Path) -> Non
     assert not first.running
     again = local_server()
     assert again.running and again.base_url.startswith("http://127.0.0.1:")
-    assert local_chat_model(max_tokens=8).invoke("Hi").content is not None
+    answer = local_chat_model(max_tokens=8).invoke("Hi").content
+    assert isinstance(answer, str) and answer.strip()
     assert url.startswith("http://127.0.0.1:")
 
 

@@ -7,7 +7,6 @@ by `ChatMoA` and one by the graph; one test also spells the expected requests ou
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import os
 import sqlite3
@@ -467,13 +466,6 @@ async def test_proposers_of_a_layer_run_concurrently(how: str) -> None:
     await run_graph(graph, {"messages": [HumanMessage("q")]}, how)
     # four 0.3 s proposers one after another would take 1.2 s
     assert time.perf_counter() - started < 0.8
-
-
-def test_sync_graph_starts_no_event_loop() -> None:
-    graph = build_moa_graph([model("a"), model("b")], model("agg", "z"), layers=2)
-    assert graph.invoke({"messages": [HumanMessage("q")]})["messages"][-1].content == "z"
-    with pytest.raises(RuntimeError):
-        asyncio.get_running_loop()
 
 
 # ------------------------------------------------------------------------ retries

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
+import secrets
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,11 @@ from langchain_moa.recipes import (
     RECIPES,
     TOGETHER_BASE_URL,
     ModelEntry,
+    Recipe,
     list_recipes,
     load_recipe,
 )
+from langchain_moa.redaction import redact
 
 SECRET = "tg-secret-key-0123456789abcdef"
 
@@ -172,9 +175,10 @@ def test_yaml_config_matches_the_same_toml(tmp_path: Path, monkeypatch, suffix: 
     from_toml = load_recipe(write(tmp_path, TOML))
     # equal but for where they came from (`source` is not compared; the default
     # description names the file)
-    assert dataclasses.replace(from_yaml, description="") == dataclasses.replace(
-        from_toml, description=""
+    assert from_yaml.model_copy(update={"description": ""}) == from_toml.model_copy(
+        update={"description": ""}
     )
+    assert from_yaml.source != from_toml.source
 
 
 def test_defaults_and_local_provider(tmp_path: Path) -> None:
@@ -288,3 +292,191 @@ def test_local_entry_needs_no_url_or_key(tmp_path: Path) -> None:
     recipe = load_recipe(write(tmp_path, text))
     assert recipe.aggregator.base_url is None and recipe.aggregator.label == "x.gguf"
     assert recipe.is_local
+
+
+# ------------------------------------------------------------- pydantic models
+
+
+def test_recipes_are_frozen_pydantic_models_refusing_unknown_fields() -> None:
+    from pydantic import BaseModel, ValidationError
+
+    recipe = RECIPES["local"]
+    assert isinstance(recipe, BaseModel) and isinstance(recipe.aggregator, BaseModel)
+    with pytest.raises(ValidationError):
+        recipe.layers = 5  # frozen
+    with pytest.raises(ValidationError):
+        ModelEntry(model="m", base_url="http://x", colour="red")  # extra="forbid"
+    assert Recipe.model_validate(recipe.model_dump()) == recipe  # a dump loads back
+    assert hash(recipe) == hash(recipe.model_copy())
+
+
+def test_source_is_not_compared(tmp_path: Path) -> None:
+    text = "layers = 1\n" + AGG
+    first = load_recipe(write(tmp_path, text, "a.toml")).model_copy(update={"name": "x"})
+    second = load_recipe(write(tmp_path, text, "b.toml")).model_copy(update={"name": "x"})
+    assert first.source != second.source
+    assert first.model_copy(update={"description": ""}) == second.model_copy(
+        update={"description": ""}
+    )
+    assert first != first.model_copy(update={"layers": 2})
+
+
+def test_inf_proposer_timeout_means_no_limit(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path, "proposer_timeout = inf\n" + P + AGG))
+    assert recipe.proposer_timeout is None
+    assert load_recipe(write(tmp_path, "proposer_timeout = 30\n" + P + AGG)).proposer_timeout == 30
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("proposer_timeout = nan\n" + P + AGG, "proposer_timeout must be a positive number"),
+        ("proposer_timeout = -5\n" + P + AGG, "proposer_timeout must be a positive number"),
+        ("min_proposers = true\n" + P + AGG, "min_proposers: expected integer, got bool"),
+        ("layers = 2.0\n" + P + AGG, "layers: expected integer, got float 2.0"),
+        (P + "seed=true\n" + AGG, "proposers[0].seed: expected integer, got bool"),
+        (P + "max_tokens='5'\n" + AGG, "proposers[0].max_tokens: expected integer, got str '5'"),
+        (P + "temperature='0.5'\n" + AGG, "proposers[0].temperature: expected integer or num"),
+        (P + "timeout=0\n" + AGG, "proposers[0].timeout: must be > 0 seconds, got 0"),
+        (P + "token='abc'\n" + AGG, "proposers[0].token: keys do not belong in config files"),
+        ("source = 'x.toml'\n" + AGG, "source: unknown field"),
+        ("description = 1\n" + AGG, "description: expected string, got int 1"),
+        ("aggregater = 1\n" + AGG, "aggregater: unknown field (did you mean 'aggregator'?"),
+        ("[proposers]\nmodel='a'\n" + AGG, "proposers: expected list, got dict"),
+    ],
+)
+def test_more_config_mistakes_are_one_line(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text, "bad.toml")
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value) and str(info.value).startswith(path)
+    # no chained ValidationError, whose text would quote the values
+    error = info.value
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+
+
+def test_unknown_field_hint_lists_the_known_fields(tmp_path: Path) -> None:
+    path = write(tmp_path, P + "modle='b'\n" + AGG, "bad.toml")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert "proposers[0].modle: unknown field (did you mean 'model'?" in message
+    assert "known: model, base_url, api_key_env, temperature, max_tokens, seed, provider" in message
+
+
+def test_yaml_non_string_keys_and_bools(tmp_path: Path) -> None:
+    text = "1: 2\naggregator: {model: m, base_url: 'http://x'}\n"
+    with pytest.raises(ConfigError, match=r"c\.yaml: 1: unknown field"):
+        load_recipe(write(tmp_path, text, "c.yaml"))
+    text = "layers: yes\naggregator: {model: m, base_url: 'http://x'}\n"
+    with pytest.raises(ConfigError, match="layers: expected integer, got bool True"):
+        load_recipe(write(tmp_path, text, "c.yaml"))
+
+
+def test_programmatic_recipes_get_the_engine_checks() -> None:
+    from pydantic import ValidationError
+
+    entry = ModelEntry(model="m", base_url="http://x")
+    with pytest.raises(ValidationError, match="add at least one proposer, or set layers = 1"):
+        Recipe(name="r", proposers=[], aggregator=entry, layers=2)
+    with pytest.raises(ValidationError, match="min_proposers=3 is more than"):
+        Recipe(name="r", proposers=[entry], aggregator=entry, min_proposers=3)
+    recipe = Recipe(name="r", proposers=[entry], aggregator=entry, proposer_timeout=float("inf"))
+    assert recipe.proposer_timeout is None and recipe.source is None
+
+
+# ------------------------------------------------------------------ secrets
+
+
+KEY_SHAPES = [
+    "gsk_" + "A1b2C3d4E5f6G7h8J9k0LmNoPq",
+    "tgp_v1_" + "Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2",
+    "AIza" + "SyA1b2C3d4E5f6G7h8J9k0LmNoPqRsTu",
+    "0123456789abcdef0123456789abcdef01234567",  # 40 hex characters
+    "sk-proj-" + "Q1w2E3r4T5y6U7i8O9p0",
+]
+
+
+@pytest.mark.parametrize("key", KEY_SHAPES)
+def test_a_key_pasted_into_base_url_is_not_echoed(tmp_path: Path, key: str) -> None:
+    path = write(tmp_path, f"[aggregator]\nmodel='m'\nbase_url='{key}'\n")
+    with pytest.raises(ConfigError, match="aggregator.base_url: must start with http") as info:
+        load_recipe(path)
+    assert key not in str(info.value)
+
+
+@pytest.mark.parametrize("key", KEY_SHAPES)
+def test_a_key_pasted_into_model_is_not_echoed(tmp_path: Path, monkeypatch, key: str) -> None:
+    # the model name shows up in the missing-key message (`aggregator (MODEL) needs...`)
+    monkeypatch.delenv("MOA_TEST_UNSET_VAR", raising=False)
+    text = f"layers = 1\n[aggregator]\nmodel='{key}'\nbase_url='http://x'\n"
+    text += "api_key_env='MOA_TEST_UNSET_VAR'\n"
+    recipe = load_recipe(write(tmp_path, text))
+    with pytest.raises(ConfigError, match="needs an API key") as info:
+        recipe.build_models()
+    assert key not in str(info.value) and "MOA_TEST_UNSET_VAR" in str(info.value)
+
+
+@pytest.mark.parametrize("key", KEY_SHAPES)
+@pytest.mark.parametrize("field", ["temperature", "seed", "provider", "max_tokens"])
+def test_a_key_pasted_into_any_field_is_not_echoed(tmp_path: Path, field: str, key: str) -> None:
+    path = write(tmp_path, f"[aggregator]\nmodel='m'\nbase_url='http://x'\n{field}='{key}'\n")
+    with pytest.raises(ConfigError, match=f"aggregator.{field}: ") as info:
+        load_recipe(path)
+    assert key not in str(info.value)
+
+
+@pytest.mark.parametrize("key", KEY_SHAPES)
+def test_a_key_as_recipe_name_or_unknown_field_is_not_echoed(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ConfigError, match="unknown recipe") as info:
+        load_recipe(key)
+    assert key not in str(info.value)
+    path = write(tmp_path, f'"{key}" = 1\n' + AGG, "k.toml")
+    with pytest.raises(ConfigError, match="unknown field") as info:
+        load_recipe(path)
+    assert key not in str(info.value)
+
+
+@pytest.mark.parametrize("key", KEY_SHAPES)
+def test_a_key_in_api_key_env_is_never_echoed(tmp_path: Path, key: str) -> None:
+    path = write(tmp_path, f"[aggregator]\nmodel='m'\nbase_url='http://x'\napi_key_env='{key}'\n")
+    with pytest.raises(ConfigError, match="must be the NAME of an environment variable") as info:
+        load_recipe(path)
+    assert key not in str(info.value)
+
+
+def test_direct_construction_errors_do_not_echo_values() -> None:
+    from pydantic import ValidationError
+
+    key = "sk-proj-" + "Q1w2E3r4T5y6U7i8O9p0"
+    with pytest.raises(ValidationError) as info:
+        ModelEntry(model="m", base_url="http://x", api_key_env=key)
+    assert key not in str(info.value) and key not in repr(info.value)
+
+
+def test_build_registers_the_key_variable_for_redaction(monkeypatch) -> None:
+    value = secrets.token_hex(20)  # 40 hex characters
+    monkeypatch.setenv("MY_KEY", value)
+    ModelEntry(model="m", base_url="http://127.0.0.1:9/v1", api_key_env="MY_KEY").build()
+    assert value not in redact("provider said: Incorrect API key provided: " + value)
+
+
+def test_build_redacts_a_variable_named_like_nothing_secret(monkeypatch) -> None:
+    # neither the name nor the value match a pattern: only registration hides it
+    name = f"MOA_UPSTREAM_{uuid.uuid4().hex[:8].upper()}"
+    value = "plain-" + uuid.uuid4().hex[:12] + "-value"
+    monkeypatch.setenv(name, value)
+    assert value in redact("echo " + value)
+    model = ModelEntry(model="m", base_url="http://127.0.0.1:9/v1", api_key_env=name).build()
+    assert model.openai_api_key.get_secret_value() == value
+    assert value not in redact("echo " + value)
+
+
+def test_a_failed_build_still_registers_the_variable(monkeypatch) -> None:
+    name = f"MOA_UPSTREAM_{uuid.uuid4().hex[:8].upper()}"
+    monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match=name):
+        ModelEntry(model="m", base_url="http://x", api_key_env=name).build()
+    value = "plain-" + uuid.uuid4().hex[:12] + "-value"
+    monkeypatch.setenv(name, value)  # set later, e.g. by a retrying caller
+    assert value not in redact("echo " + value)

@@ -1,0 +1,336 @@
+"""The call layer's guarantees, on every face, with in-process fakes.
+
+Each test here fails without the mechanism it names: concurrency bounds, where calls run
+(thread and event loop), timeouts, hidden child runs, one-line errors naming the role, the
+transient flag, configuration derived from public fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+import traceback
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
+from pydantic import PrivateAttr
+
+from langchain_moa import ChatMoA, ConfigError, MoAJudge, build_judge_graph, build_moa_graph
+from langchain_moa.calls import CallError, ModelCall, invoke, is_transient_error, run_all
+from langchain_moa.testing.fakes import ScriptedChatModel
+
+PATHS = ["invoke", "ainvoke", "stream", "astream"]
+
+
+class Tracked(ScriptedChatModel):
+    """A fake that records where it ran (thread, running loop) and how many ran at once."""
+
+    _where: list[tuple[str, Any]] = PrivateAttr(default_factory=list)
+
+    def _enter(self, tracker: dict[str, Any], path: str) -> None:
+        try:
+            loop: Any = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with tracker["lock"]:
+            tracker["now"] += 1
+            tracker["peak"] = max(tracker["peak"], tracker["now"])
+            tracker["where"].append((path, threading.current_thread().name, loop))
+
+    def _generate(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> Any:  # noqa: E501
+        self._enter(TRACKER, "sync")
+        try:
+            return super()._generate(messages, stop, run_manager, **kw)
+        finally:
+            with TRACKER["lock"]:
+                TRACKER["now"] -= 1
+
+    def _stream(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> Any:  # noqa: E501
+        self._enter(TRACKER, "sync")
+        try:
+            yield from super()._stream(messages, stop, run_manager, **kw)
+        finally:
+            with TRACKER["lock"]:
+                TRACKER["now"] -= 1
+
+    async def _agenerate(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> Any:  # noqa: E501
+        self._enter(TRACKER, "async")
+        try:
+            return await super()._agenerate(messages, stop, run_manager, **kw)
+        finally:
+            with TRACKER["lock"]:
+                TRACKER["now"] -= 1
+
+
+TRACKER: dict[str, Any] = {}
+
+
+@pytest.fixture(autouse=True)
+def _reset_tracker() -> None:
+    TRACKER.clear()
+    TRACKER.update(lock=threading.Lock(), now=0, peak=0, where=[])
+
+
+def tracked(name: str, reply: Any = None, **kw: Any) -> Tracked:
+    return Tracked(model_name=name, reply=reply if reply is not None else f"{name} says hi", **kw)
+
+
+async def run(model: Any, text: Any, how: str, config: Any = None) -> AIMessage:
+    if how == "invoke":
+        return model.invoke(text, config)
+    if how == "ainvoke":
+        return await model.ainvoke(text, config)
+    chunks = (
+        list(model.stream(text, config))
+        if how == "stream"
+        else [c async for c in model.astream(text, config)]
+    )
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged = merged + chunk
+    return merged
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_max_concurrency_bounds_the_proposers(how: str) -> None:
+    ps = [tracked(f"p{i}", delay=0.05) for i in range(4)]
+    moa = ChatMoA(proposers=ps, aggregator=tracked("agg"), layers=2)
+    await run(moa, "q", how, {"max_concurrency": 1})
+    assert TRACKER["peak"] == 1
+    TRACKER.update(peak=0)
+    await run(moa, "q", how)  # unbounded: the four proposers overlap
+    assert TRACKER["peak"] == 4
+
+
+async def test_max_concurrency_bounds_the_judge() -> None:
+    judges = [tracked(f"j{i}", "fine [[A]]", delay=0.03) for i in range(3)]
+    judge = MoAJudge(judges=judges)
+    judge.rank("q", ["a", "b", "c"], {"max_concurrency": 2})
+    assert TRACKER["peak"] == 2
+    TRACKER.update(peak=0)
+    await judge.arank("q", ["a", "b", "c"], {"max_concurrency": 2})
+    assert TRACKER["peak"] == 2
+
+
+@pytest.mark.parametrize("how", ["invoke", "stream"])
+def test_sync_paths_call_models_in_threads_without_an_event_loop(how: str) -> None:
+    ps = [tracked("a"), tracked("b")]
+    moa = ChatMoA(proposers=ps, aggregator=tracked("agg"), layers=3)
+    if how == "invoke":
+        moa.invoke("q")
+    else:
+        list(moa.stream("q"))
+    where = TRACKER["where"]
+    assert len(where) == 5
+    # every model ran through its sync method, with no event loop running around it
+    assert {(path, loop) for path, _thread, loop in where} == {("sync", None)}
+    # the proposers of a layer ran on worker threads, not one after another here
+    assert all(thread != threading.current_thread().name for _p, thread, _l in where[:4])
+
+
+def test_sync_graph_calls_models_without_an_event_loop() -> None:
+    graph = build_moa_graph([tracked("a"), tracked("b")], tracked("agg", "z"), layers=2)
+    assert graph.invoke({"messages": [HumanMessage("q")]})["messages"][-1].content == "z"
+    assert {(path, loop) for path, _thread, loop in TRACKER["where"]} == {("sync", None)}
+
+
+async def test_async_paths_call_models_on_the_callers_loop() -> None:
+    moa = ChatMoA(proposers=[tracked("a"), tracked("b")], aggregator=tracked("agg"), layers=2)
+    await moa.ainvoke("q")
+    loop = asyncio.get_running_loop()
+    assert {(path, seen) for path, _thread, seen in TRACKER["where"]} == {("async", loop)}
+
+
+# ------------------------------------------------------------------- timeouts
+
+
+def test_a_timed_out_sync_call_frees_its_slot_and_is_abandoned_on_a_daemon_thread() -> None:
+    slow_model, fast_model = tracked("slow"), tracked("fast")
+    slow_model.invoke("warm up"), fast_model.invoke("warm up")  # first calls import lazily
+    slow_model.delay = 5
+    slow = ModelCall(slow_model, [HumanMessage("q")], "proposer 1", "proposer", timeout=0.3)
+    fast = ModelCall(fast_model, [HumanMessage("q")], "proposer 2", "proposer", timeout=0.3)
+    started = time.perf_counter()
+    results = run_all([slow, fast], max_concurrency=1)
+    assert time.perf_counter() - started < 2
+    assert results[0].error is not None and results[0].error.timed_out
+    assert str(results[0].error) == "proposer 1 (slow): TimeoutError: no answer within 0.3 s"
+    assert results[1].message is not None
+    abandoned = [t for t in threading.enumerate() if t.name == "moa proposer 1"]
+    assert abandoned and all(t.daemon for t in abandoned)
+
+
+def test_the_remaining_budget_is_passed_down_as_the_client_timeout() -> None:
+    from langchain_openai import ChatOpenAI
+
+    model = ChatOpenAI(model="m", api_key="sk-not-used", base_url="http://127.0.0.1:9/v1")
+    call = ModelCall(model, [HumanMessage("q")], "proposer 1", "proposer", timeout=3.0)
+    assert call.kwargs(2.5)["timeout"] == 2.5
+    assert "timeout" not in ModelCall(tracked("x"), [], "p", "proposer").kwargs(2.5)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (float("nan"), "proposer_timeout must be a positive number of seconds, inf or None"),
+        (-1, "proposer_timeout must be a positive number of seconds, inf or None"),
+        (0, "proposer_timeout must be a positive number of seconds, inf or None"),
+        ("soon", "proposer_timeout: Input should be a valid number"),
+    ],
+)
+def test_bad_timeouts_are_one_line_errors(value: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ChatMoA(proposers=[tracked("a")], aggregator=tracked("agg"), proposer_timeout=value)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_infinite_timeout_means_no_limit(how: str) -> None:
+    moa = ChatMoA(
+        proposers=[tracked("a", delay=0.05)],
+        aggregator=tracked("agg", "z"),
+        proposer_timeout=math.inf,
+    )
+    assert moa.engine.proposer_timeout is None
+    assert (await run(moa, "q", how)).content == "z"
+
+
+# ------------------------------------------------------------------- child runs
+
+
+def test_judge_graph_streams_only_the_final_answer_and_tracers_see_every_call() -> None:
+    judge = MoAJudge(judges=[tracked("j", "A wins [[A]]")])
+    generator = tracked("gen", lambda messages: "candidate text")
+    graph = build_judge_graph(judge, generator, n=2)
+    collector = RunCollectorCallbackHandler()
+    events = list(graph.stream({"prompt": "q"}, {"callbacks": [collector]}, stream_mode="messages"))
+    # judge verdicts and sampled candidates are hidden: only the graph's final answer shows
+    assert [chunk.content for chunk, _ in events] == ["candidate text"]
+
+    def llm_runs(run: Any) -> list[Any]:
+        found = [run] if run.run_type == "llm" else []
+        for child in run.child_runs:
+            found.extend(llm_runs(child))
+        return found
+
+    runs = [r for root in collector.traced_runs for r in llm_runs(root)]
+    tags = sorted(next(t for t in r.tags if t.startswith("moa:")) for r in runs)
+    assert tags == ["moa:judge", "moa:judge", "moa:sample", "moa:sample"]
+    assert all("nostream" in r.tags for r in runs)
+
+
+# ----------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_aggregator_failure_names_the_aggregator_in_one_line(how: str) -> None:
+    agg = tracked("big-model", fail_always=True, error=RuntimeError("upstream said no\nline two"))
+    moa = ChatMoA(proposers=[tracked("a")], aggregator=agg, layers=2)
+    with pytest.raises(CallError) as info:
+        await run(moa, "q", how)
+    assert str(info.value) == "aggregator (big-model): RuntimeError: upstream said no"
+    assert info.value.role == "aggregator" and info.value.model == "big-model"
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    printed = "".join(traceback.format_exception(info.value))
+    assert "line two" not in printed and "RuntimeError(" not in printed
+
+
+def test_call_errors_say_whether_a_retry_may_help() -> None:
+    def fails(exc: Exception) -> CallError:
+        call = ModelCall(
+            tracked("m", fail_always=True, error=exc), [HumanMessage("q")], "judge 1", "judge"
+        )
+        with pytest.raises(CallError) as info:
+            invoke(call)
+        return info.value
+
+    assert fails(ConnectionError("reset")).transient
+    assert is_transient_error(fails(TimeoutError("slow")))
+    assert not fails(ValueError("bad request")).transient
+    assert fails(ValueError("bad request")).error_type == "ValueError"
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke"])
+async def test_max_retries_retries_transient_aggregator_failures_only(how: str) -> None:
+    flaky = tracked("agg", "done", fail_times=1, error=ConnectionError("blip"))
+    moa = ChatMoA(proposers=[tracked("a")], aggregator=flaky, layers=2, max_retries=1)
+    assert (await run(moa, "q", how)).content == "done"
+    assert len(flaky.calls) == 2
+    broken = tracked("agg", fail_always=True, error=ValueError("bad"))
+    moa = ChatMoA(proposers=[tracked("a")], aggregator=broken, layers=2, max_retries=3)
+    with pytest.raises(CallError):
+        await run(moa, "q", how)
+    assert len(broken.calls) == 1
+
+
+# ----------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_model_copy_and_configurable_fields_change_what_runs(how: str) -> None:
+    ps = [tracked("a")]
+    agg = tracked("agg", "z")
+    moa = ChatMoA(proposers=ps, aggregator=agg, layers=2)
+    await run(moa.model_copy(update={"layers": 3}), "q", how)
+    assert len(ps[0].calls) == 2  # two proposer layers, not one
+    await run(moa.model_copy(update={"aggregator_prompt": "PROMPT-X"}), "q", how)
+    assert "PROMPT-X" in agg.calls[-1][0].content
+    from langchain_core.runnables import ConfigurableField
+
+    configurable = moa.configurable_fields(layers=ConfigurableField(id="layers"))
+    ps[0].calls.clear()
+    await run(configurable, "q", how, {"configurable": {"layers": 4}})
+    assert len(ps[0].calls) == 3
+
+
+def test_unknown_arguments_are_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        ChatMoA(proposers=[tracked("a")], aggregator=tracked("agg"), proposer_timout=5)
+    assert str(info.value) == (
+        "ChatMoA got unknown argument(s): 'proposer_timout' (did you mean 'proposer_timeout'?)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layers": 0}, "ChatMoA: layers must be an integer >= 1 (1 = aggregator alone), got 0"),
+        ({"layers": "two"}, "ChatMoA: layers: Input should be a valid integer"),
+        ({"max_tokens": 0}, "ChatMoA: max_tokens: must be >= 1"),
+    ],
+)
+def test_configuration_errors_are_one_line_naming_the_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ChatMoA(proposers=[tracked("a")], aggregator=tracked("agg"), **kwargs)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__context__ is None
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_standard_params_apply_to_the_aggregator_alone(how: str) -> None:
+    p = tracked("a")
+    agg = tracked("agg", "final")
+    moa = ChatMoA(proposers=[p], aggregator=agg, temperature=0.1, max_tokens=50, stop=["END"])
+    await run(moa, "q", how)
+    assert agg.call_kwargs[-1]["temperature"] == 0.1
+    assert agg.call_kwargs[-1]["max_tokens"] == 50 and agg.call_kwargs[-1]["stop"] == ["END"]
+    assert "temperature" not in p.call_kwargs[-1] and p.call_kwargs[-1]["stop"] is None
+    params = moa._get_ls_params()
+    assert (params["ls_temperature"], params["ls_max_tokens"], params["ls_stop"]) == (
+        0.1,
+        50,
+        ["END"],
+    )
