@@ -188,6 +188,71 @@ class CallError(RuntimeError):
         )
 
 
+# ------------------------------------------------------------------- layer close
+
+
+class LayerClose:
+    """Closes a layer early: once `quorum` calls answered, the rest get `grace` x more.
+
+    Heavy-tailed providers make a layer wait for its slowest call. Shared by the calls of
+    one layer (one fan-out, or separate graph nodes), it fixes a close time the first time
+    `quorum` calls have answered: ``now + grace * (now - started)``. A call still running
+    then is abandoned like a timed-out one and recorded as a straggler.
+    """
+
+    def __init__(self, quorum: int, grace: float) -> None:
+        self.quorum = quorum
+        self.grace = grace
+        self.started = time.perf_counter()
+        self.answered = 0
+        self.close_at: float | None = None
+        self._lock = threading.Lock()
+        self._listeners: list[Any] = []
+
+    def record(self, result: CallResult) -> None:
+        """Count an answer (non-empty text); at quorum, fix the close time and tell everyone."""
+        if result.message is None or not result.message.text.strip():
+            return
+        with self._lock:
+            self.answered += 1
+            if self.close_at is not None or self.answered < self.quorum:
+                return
+            now = time.perf_counter()
+            self.close_at = now + self.grace * (now - self.started)
+            listeners = list(self._listeners)
+        for notify in listeners:
+            notify()
+
+    def listen(self, notify: Any) -> Any:
+        """Call `notify()` when the close time is fixed; returns a function that unsubscribes."""
+        with self._lock:
+            self._listeners.append(notify)
+
+        def stop() -> None:
+            with self._lock:
+                if notify in self._listeners:
+                    self._listeners.remove(notify)
+
+        return stop
+
+    def closed(self, now: float) -> bool:
+        return self.close_at is not None and now >= self.close_at
+
+
+def _straggler(call: ModelCall, latency: float) -> CallError:
+    close = call.close
+    assert close is not None
+    return CallError(
+        f"{call.role} ({call.model_name}): straggler: dropped when the layer closed after "
+        f"{close.quorum} answers, {latency:.2f} s in",
+        role=call.role,
+        model=call.model_name,
+        error_type="Straggler",
+        transient=True,
+        timed_out=True,
+    )
+
+
 # ------------------------------------------------------------------------- calls
 
 
@@ -212,6 +277,8 @@ class ModelCall:
     """Seconds for one attempt; None means no limit."""
     retries: int = 0
     """Extra attempts after a transient failure (single calls only; never mid-stream)."""
+    close: LayerClose | None = field(default=None, compare=False)
+    """The layer this call belongs to, when it may close early (see `LayerClose`)."""
 
     @property
     def model_name(self) -> str:
@@ -331,16 +398,27 @@ def _invoke_inline(
 def _settle(worker: _Worker, now: float) -> CallResult:
     call, latency = worker.call, now - worker.started
     if not worker.finished:
-        return CallResult(
-            call,
-            error=CallError.timeout(call.role, call.model_name, call.timeout or 0),
-            latency_s=latency,
+        own = call.timeout is not None and now >= worker.started + call.timeout
+        error = (
+            CallError.timeout(call.role, call.model_name, call.timeout or 0)
+            if own or call.close is None
+            else _straggler(call, latency)
         )
+        return CallResult(call, error=error, latency_s=latency)
     if worker.exc is not None:
         if isinstance(worker.exc, (GraphBubbleUp, KeyboardInterrupt, SystemExit)):
             raise worker.exc
         return CallResult(call, error=_error(call, worker.exc), latency_s=latency)
     return CallResult(call, message=worker.message, latency_s=latency)
+
+
+def _deadline(worker: _Worker) -> float | None:
+    """When this running call must be given up: its own timeout, or its layer's close."""
+    call = worker.call
+    ends = [worker.started + call.timeout] if call.timeout is not None else []
+    if call.close is not None and call.close.close_at is not None:
+        ends.append(call.close.close_at)
+    return min(ends) if ends else None
 
 
 def run_all(
@@ -354,30 +432,40 @@ def run_all(
     Never raises for a model's failure: each result holds its `CallError`. At most
     `max_concurrency` (default: ``config["max_concurrency"]``, else all) run at once; a
     call's timeout counts from its own start, and a timed-out call frees its slot at once.
+    Calls of a layer that closes early (`LayerClose`) are dropped as stragglers.
     """
     limit = max_concurrency or (config or {}).get("max_concurrency") or len(calls) or 1
     results: list[CallResult | None] = [None] * len(calls)
     waiting = list(range(len(calls)))[::-1]
     running: dict[int, _Worker] = {}
     changed = threading.Event()
-    while waiting or running:
-        while waiting and len(running) < limit:
-            i = waiting.pop()
-            running[i] = _Worker(calls[i], config, changed)
-        now = time.perf_counter()
-        deadlines = [
-            w.started + w.call.timeout for w in running.values() if w.call.timeout is not None
-        ]
-        changed.wait(None if not deadlines else max(0.0, min(deadlines) - now))
-        changed.clear()
-        now = time.perf_counter()
-        for i, worker in list(running.items()):
-            expired = (
-                worker.call.timeout is not None and now >= worker.started + worker.call.timeout
-            )
-            if worker.finished or expired:
-                del running[i]
-                results[i] = _settle(worker, now)
+    closes = {id(c.close): c.close for c in calls if c.close is not None}
+    stop_listening = [close.listen(changed.set) for close in closes.values()]
+    try:
+        while waiting or running:
+            now = time.perf_counter()
+            while waiting and len(running) < limit:
+                i = waiting.pop()
+                close = calls[i].close
+                if close is not None and close.closed(now):  # never started: dropped
+                    results[i] = CallResult(calls[i], error=_straggler(calls[i], 0.0))
+                    continue
+                running[i] = _Worker(calls[i], config, changed)
+            deadlines = [d for w in running.values() if (d := _deadline(w)) is not None]
+            if running:
+                changed.wait(None if not deadlines else max(0.0, min(deadlines) - now))
+                changed.clear()
+            now = time.perf_counter()
+            for i, worker in list(running.items()):
+                deadline = _deadline(worker)
+                if worker.finished or (deadline is not None and now >= deadline):
+                    del running[i]
+                    results[i] = _settle(worker, now)
+                    if worker.call.close is not None:
+                        worker.call.close.record(results[i])  # type: ignore[arg-type]
+    finally:
+        for stop in stop_listening:
+            stop()
     return results  # type: ignore[return-value]
 
 
@@ -386,7 +474,7 @@ def _backoff(attempt: int) -> float:
 
 
 def _invoke_once(call: ModelCall, config: RunnableConfig | None) -> CallResult:
-    if call.timeout is None:  # no budget to enforce: run in this thread
+    if call.timeout is None and call.close is None:  # nothing can cut it short: this thread
         started = time.perf_counter()
         try:
             message = _invoke_inline(call, config, None)
@@ -464,6 +552,8 @@ async def _arun_one(
     if gate is not None:
         async with gate:
             return await _arun_one(call, config, None)
+    if call.close is not None and call.close.closed(time.perf_counter()):
+        return CallResult(call, error=_straggler(call, 0.0))  # the layer closed while queued
     started = time.perf_counter()
 
     async def guarded() -> tuple[AIMessage | None, Exception | None]:
@@ -476,18 +566,65 @@ async def _arun_one(
         except Exception as exc:
             return None, exc
 
-    try:
-        message, exc = await asyncio.wait_for(guarded(), call.timeout)
-    except asyncio.TimeoutError:
-        return CallResult(
-            call,
-            error=CallError.timeout(call.role, call.model_name, call.timeout or 0),
-            latency_s=time.perf_counter() - started,
-        )
+    if call.close is None:
+        try:
+            message, exc = await asyncio.wait_for(guarded(), call.timeout)
+        except asyncio.TimeoutError:
+            error = CallError.timeout(call.role, call.model_name, call.timeout or 0)
+            return CallResult(call, error=error, latency_s=time.perf_counter() - started)
+    else:
+        outcome = await _until_closed(call, guarded(), started)
+        if isinstance(outcome, CallResult):
+            return outcome
+        message, exc = outcome
     latency = time.perf_counter() - started
-    if exc is not None:
-        return CallResult(call, error=_error(call, exc), latency_s=latency)
-    return CallResult(call, message=message, latency_s=latency)
+    result = (
+        CallResult(call, error=_error(call, exc), latency_s=latency)
+        if exc is not None
+        else CallResult(call, message=message, latency_s=latency)
+    )
+    if call.close is not None:
+        call.close.record(result)
+    return result
+
+
+async def _until_closed(call: ModelCall, work: Any, started: float) -> Any:
+    """Await `work` until it ends, its timeout passes or its layer closes (then cancel it)."""
+    close = call.close
+    assert close is not None
+    loop = asyncio.get_running_loop()
+    woken = asyncio.Event()
+    stop = close.listen(lambda: loop.call_soon_threadsafe(woken.set))
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            now = time.perf_counter()
+            ends = [started + call.timeout] if call.timeout is not None else []
+            if close.close_at is not None:
+                ends.append(close.close_at)
+            if ends and now >= min(ends):
+                task.cancel()
+                own = call.timeout is not None and now >= started + call.timeout
+                error = (
+                    CallError.timeout(call.role, call.model_name, call.timeout or 0)
+                    if own
+                    else _straggler(call, now - started)
+                )
+                return CallResult(call, error=error, latency_s=now - started)
+            wake = asyncio.ensure_future(woken.wait())
+            await asyncio.wait(
+                {task, wake},
+                timeout=(min(ends) - now) if ends else None,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            wake.cancel()
+            woken.clear()
+            if task.done():
+                return task.result()
+    finally:
+        stop()
+        if not task.done():
+            task.cancel()
 
 
 async def arun_all(

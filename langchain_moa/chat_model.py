@@ -86,6 +86,12 @@ class ChatMoA(BaseChatModel):
     """Seconds; a proposer not done by then is cancelled and dropped (None or inf: no limit)."""
     min_proposers: int = 1
     """A layer with fewer successful answers raises `MoAError`."""
+    layer_quorum: int | None = None
+    """Close a proposer layer once this many answered; None waits for all (the reference)."""
+    straggler_grace: float = 0.5
+    """With `layer_quorum`: the others get this many times the elapsed layer time more."""
+    early_stop: Any = None
+    """Skip the remaining proposer layers: ``"agreement"`` or a function of the answers."""
 
     # LangChain's standard parameters. They describe the model that answers, the
     # aggregator, and apply to it alone: proposers keep their own settings (forcing one
@@ -183,6 +189,9 @@ class ChatMoA(BaseChatModel):
             aggregator_options=self._aggregator_options(),
             aggregator_timeout=self.timeout,
             aggregator_retries=self.max_retries or 0,
+            layer_quorum=self.layer_quorum,
+            straggler_grace=self.straggler_grace,
+            early_stop=self.early_stop,
         )
 
     def _aggregator_options(self) -> dict[str, Any]:

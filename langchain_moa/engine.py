@@ -12,10 +12,12 @@ for the graph, over the single steps those are made of.
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+import unicodedata
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
@@ -24,7 +26,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import BaseModel, ConfigDict
 
 from langchain_moa import calls
-from langchain_moa.calls import CallResult, ModelCall, check_timeout, sum_usage
+from langchain_moa.calls import CallResult, LayerClose, ModelCall, check_timeout, sum_usage
 from langchain_moa.errors import MoAError
 from langchain_moa.models import model_label
 from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
@@ -75,6 +77,48 @@ class MoAResult:
 def answers_of(proposals: Sequence[Proposal]) -> list[str]:
     """Successful answers in proposer order (never completion order)."""
     return [p.answer for p in sorted(proposals, key=lambda p: p.proposer) if p.ok and p.answer]
+
+
+# -------------------------------------------------------------------- early stop
+
+
+def normalize_answer(text: str) -> str:
+    """Casefold, collapse whitespace, strip trailing punctuation (for agreement checks)."""
+    collapsed = " ".join(text.casefold().split())
+    end = len(collapsed)
+    while end and (
+        collapsed[end - 1].isspace() or unicodedata.category(collapsed[end - 1]).startswith("P")
+    ):
+        end -= 1
+    return collapsed[:end]
+
+
+def agreement(answers: Sequence[str]) -> bool:
+    """True when at least two answers exist and all are equal after `normalize_answer`.
+
+    A single answer is not agreement: with one successful proposer there is nobody to
+    agree with, and skipping the refinement layers would be a guess.
+    """
+    return len(answers) >= 2 and len({normalize_answer(a) for a in answers}) == 1
+
+
+EarlyStop = Literal["agreement"] | Callable[[list[str]], bool] | None
+
+
+def early_stop_predicate(early_stop: EarlyStop) -> Callable[[list[str]], bool] | None:
+    if early_stop is None:
+        return None
+    if early_stop == "agreement":
+        return agreement
+    if callable(early_stop):
+        return early_stop
+    raise ValueError(
+        f"early_stop must be None, 'agreement' or a function of the layer's answers, "
+        f"got {early_stop!r}"
+    )
+
+
+# --------------------------------------------------------------------- results
 
 
 def final_response_metadata(aggregator_metadata: dict[str, Any]) -> dict[str, Any]:
@@ -159,6 +203,12 @@ class MoAEngine:
     """Default call options for the aggregator (temperature, max_tokens, stop...)."""
     aggregator_timeout: float | None = None
     aggregator_retries: int = 0
+    layer_quorum: int | None = None
+    """Close a proposer layer once this many answered (None: wait for every proposer)."""
+    straggler_grace: float = 0.5
+    """After the quorum, the others get this many times the elapsed layer time more."""
+    early_stop: EarlyStop = None
+    """Skip the remaining proposer layers: ``"agreement"`` or a function of the answers."""
 
     def __post_init__(self) -> None:
         timeout = validate_moa_config(
@@ -171,6 +221,19 @@ class MoAEngine:
         object.__setattr__(
             self, "aggregator_timeout", check_timeout(self.aggregator_timeout, "timeout")
         )
+        early_stop_predicate(self.early_stop)  # validates
+        n = len(self.proposers)
+        k = self.layer_quorum
+        if k is not None and (
+            isinstance(k, bool) or not isinstance(k, int) or not self.min_proposers <= k <= n
+        ):
+            raise ValueError(
+                f"layer_quorum must be an integer from min_proposers ({self.min_proposers}) "
+                f"to the number of proposers ({n}), or None to wait for all; got {k!r}"
+            )
+        g = self.straggler_grace
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not (0 <= g < math.inf):
+            raise ValueError(f"straggler_grace must be a finite number >= 0, got {g!r}")
         register_models([*self.proposers, self.aggregator])
 
     # ----------------------------------------------------------------- structure
@@ -221,7 +284,24 @@ class MoAEngine:
         )
 
     # ------------------------------------------------------------------ requests
-    def proposer_call(self, layer: int, index: int, messages: Sequence[BaseMessage]) -> ModelCall:
+    def layer_close(self) -> LayerClose | None:
+        """A fresh early-close rule for one layer (None when every proposer is awaited)."""
+        if self.layer_quorum is None:
+            return None
+        return LayerClose(self.layer_quorum, self.straggler_grace)
+
+    def stop_early(self, proposals: Sequence[Proposal]) -> bool:
+        """Whether `early_stop` says the remaining proposer layers can be skipped."""
+        predicate = early_stop_predicate(self.early_stop)
+        return predicate is not None and bool(predicate(answers_of(proposals)))
+
+    def proposer_call(
+        self,
+        layer: int,
+        index: int,
+        messages: Sequence[BaseMessage],
+        close: LayerClose | None = None,
+    ) -> ModelCall:
         return ModelCall(
             model=self.proposers[index],
             messages=messages,
@@ -230,6 +310,7 @@ class MoAEngine:
             metadata={"moa_layer": layer, "moa_proposer": index},
             run_name=f"moa_proposer_{layer}_{index}",
             timeout=self.proposer_timeout,
+            close=close,
         )
 
     def _aggregator_call(
@@ -298,7 +379,8 @@ class MoAEngine:
         self, layer: int, messages: Sequence[BaseMessage], indices: Sequence[int] | None
     ) -> list[ModelCall]:
         indices = range(len(self.proposers)) if indices is None else indices
-        return [self.proposer_call(layer, i, messages) for i in indices]
+        close = self.layer_close()
+        return [self.proposer_call(layer, i, messages, close) for i in indices]
 
     def run_layer(
         self,
@@ -325,13 +407,19 @@ class MoAEngine:
         return [self.proposal(layer, r.call.metadata["moa_proposer"], r) for r in results]
 
     def propose_one(
-        self, layer: int, index: int, messages: Sequence[BaseMessage], config: RunnableConfig | None
+        self,
+        layer: int,
+        index: int,
+        messages: Sequence[BaseMessage],
+        config: RunnableConfig | None,
+        close: LayerClose | None = None,
     ) -> Proposal:
         """One proposer call (sync), for callers that retry it themselves (the graph).
 
         Raises `CallError` when the call fails; an empty answer is a failed `Proposal`.
+        `close` is the layer's shared early-close rule, when there is one.
         """
-        call = self.proposer_call(layer, index, messages)
+        call = self.proposer_call(layer, index, messages, close)
         started = time.perf_counter()
         message = calls.invoke(call, config)
         return self.proposal(
@@ -339,10 +427,15 @@ class MoAEngine:
         )
 
     async def apropose_one(
-        self, layer: int, index: int, messages: Sequence[BaseMessage], config: RunnableConfig | None
+        self,
+        layer: int,
+        index: int,
+        messages: Sequence[BaseMessage],
+        config: RunnableConfig | None,
+        close: LayerClose | None = None,
     ) -> Proposal:
         """Async `propose_one`."""
-        call = self.proposer_call(layer, index, messages)
+        call = self.proposer_call(layer, index, messages, close)
         started = time.perf_counter()
         message = await calls.ainvoke(call, config)
         return self.proposal(
@@ -372,6 +465,8 @@ class MoAEngine:
             proposals = self.run_layer(layer, messages, config)
             self.check_quorum(proposals)
             layers.append(proposals)
+            if layer < self.proposer_layers and self.stop_early(proposals):
+                break
         return layers
 
     async def apropose(
@@ -385,6 +480,8 @@ class MoAEngine:
             proposals = await self.arun_layer(layer, messages, config)
             self.check_quorum(proposals)
             layers.append(proposals)
+            if layer < self.proposer_layers and self.stop_early(proposals):
+                break
         return layers
 
     # ------------------------------------------------------------------ whole runs
@@ -474,6 +571,8 @@ class MoAEngine:
                 "usage": dict(aggregator_usage) if aggregator_usage else None,
                 "latency_s": aggregator_latency_s,
             },
+            # fewer proposer layers than configured only happens through early_stop
+            "early_stop": len(layers) < self.proposer_layers,
         }
 
     def proposer_usage(self, layers: Sequence[Sequence[Proposal]]) -> UsageMetadata | None:
@@ -524,7 +623,11 @@ __all__ = [
     "MoAEngine",
     "MoAResult",
     "Proposal",
+    "EarlyStop",
+    "agreement",
     "answers_of",
+    "early_stop_predicate",
+    "normalize_answer",
     "final_response_metadata",
     "sum_usage",
     "validate_moa_config",

@@ -55,9 +55,10 @@ from __future__ import annotations
 
 import operator
 import time
-import unicodedata
-from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal, TypedDict
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Annotated, Any, TypedDict
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AnyMessage
@@ -72,8 +73,14 @@ from langgraph.types import Overwrite, RetryPolicy, Send
 
 from langchain_moa import calls
 from langchain_moa._compat import RunnableCallable, node_attempt
-from langchain_moa.calls import CallError, is_transient_error
-from langchain_moa.engine import MoAEngine, Proposal, answers_of
+from langchain_moa.calls import CallError, LayerClose, is_transient_error
+from langchain_moa.engine import (
+    EarlyStop,
+    MoAEngine,
+    Proposal,
+    agreement,
+    normalize_answer,
+)
 from langchain_moa.errors import MoAError
 from langchain_moa.models import resolve_model
 from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
@@ -140,51 +147,14 @@ class MoAState(TypedDict):
     """Why the run stopped (too few proposers answered), else None."""
 
 
-class ProposerTask(TypedDict):
+class ProposerTask(TypedDict, total=False):
     """The payload of one ``Send("proposer", ...)``: one proposer, one layer."""
 
     layer: int
     index: int
     messages: list[AnyMessage]
-
-
-# -------------------------------------------------------------------- early stop
-
-
-def normalize_answer(text: str) -> str:
-    """Casefold, collapse whitespace, strip trailing punctuation (for agreement checks)."""
-    collapsed = " ".join(text.casefold().split())
-    end = len(collapsed)
-    while end and (
-        collapsed[end - 1].isspace() or unicodedata.category(collapsed[end - 1]).startswith("P")
-    ):
-        end -= 1
-    return collapsed[:end]
-
-
-def agreement(answers: Sequence[str]) -> bool:
-    """True when at least two answers exist and all are equal after `normalize_answer`.
-
-    A single answer is not agreement: with one successful proposer there is nobody to
-    agree with, and skipping the refinement layers would be a guess.
-    """
-    return len(answers) >= 2 and len({normalize_answer(a) for a in answers}) == 1
-
-
-EarlyStop = Literal["agreement"] | Callable[[list[str]], bool] | None
-
-
-def _early_stop_predicate(early_stop: EarlyStop) -> Callable[[list[str]], bool] | None:
-    if early_stop is None:
-        return None
-    if early_stop == "agreement":
-        return agreement
-    if callable(early_stop):
-        return early_stop
-    raise ValueError(
-        f"early_stop must be None, 'agreement' or a function of the layer's answers, "
-        f"got {early_stop!r}"
-    )
+    close_id: str | None
+    """The layer's early-close rule (`layer_quorum`), when there is one."""
 
 
 # ---------------------------------------------------------------------- retries
@@ -225,12 +195,14 @@ class _MoANodes:
     def __init__(
         self,
         engine: MoAEngine,
-        early_stop: Callable[[list[str]], bool] | None,
         policies: tuple[RetryPolicy, ...],
         aggregator_kwargs: dict[str, Any],
     ) -> None:
         self.engine = engine
-        self.early_stop = early_stop
+        # Layers that may close early, by id: a Send carries the id (its payload must stay
+        # serializable for checkpointers); the oldest are forgotten past a bound. A run
+        # resumed in another process finds no entry and waits for every proposer.
+        self.open_layers: OrderedDict[str, LayerClose] = OrderedDict()
         self.policies = policies
         self.aggregator_kwargs = aggregator_kwargs
 
@@ -257,15 +229,31 @@ class _MoANodes:
         if len(layers) >= self.engine.proposer_layers:
             return "aggregator"
         previous = layers[-1] if layers else None
-        if previous is not None and self.early_stop is not None:
-            if self.early_stop(answers_of(previous)):
-                return "aggregator"
+        if previous is not None and self.engine.stop_early(previous):
+            return "aggregator"
         messages = self.engine.proposer_input(state["messages"], previous)
         layer = len(layers) + 1
+        close_id = self._open_layer()
         return [
-            Send("proposer", ProposerTask(layer=layer, index=i, messages=messages))
+            Send(
+                "proposer",
+                ProposerTask(layer=layer, index=i, messages=messages, close_id=close_id),
+            )
             for i in range(len(self.engine.proposers))
         ]
+
+    def _open_layer(self) -> str | None:
+        close = self.engine.layer_close()
+        if close is None:
+            return None
+        close_id = uuid.uuid4().hex
+        self.open_layers[close_id] = close
+        while len(self.open_layers) > 1024:
+            self.open_layers.popitem(last=False)
+        return close_id
+
+    def _close_of(self, task: ProposerTask) -> LayerClose | None:
+        return self.open_layers.get(task.get("close_id") or "")
 
     # ---------------------------------------------------------------- proposers
     def _failed(
@@ -284,7 +272,7 @@ class _MoANodes:
         started = time.perf_counter()
         try:
             proposal = self.engine.propose_one(
-                task["layer"], task["index"], task["messages"], config
+                task["layer"], task["index"], task["messages"], config, self._close_of(task)
             )
         except CallError as error:
             failed = self._failed(error, task, started, runtime)
@@ -297,7 +285,7 @@ class _MoANodes:
         started = time.perf_counter()
         try:
             proposal = await self.engine.apropose_one(
-                task["layer"], task["index"], task["messages"], config
+                task["layer"], task["index"], task["messages"], config, self._close_of(task)
             )
         except CallError as error:
             failed = self._failed(error, task, started, runtime)
@@ -380,6 +368,8 @@ def build_moa_graph(
     proposer_timeout: float | None = None,
     min_proposers: int = 1,
     early_stop: EarlyStop = None,
+    layer_quorum: int | None = None,
+    straggler_grace: float = 0.5,
     retry_policy: RetryPolicy | Sequence[RetryPolicy] | None = None,
     tools: Sequence[Any] | None = None,
     tool_choice: Any = None,
@@ -400,6 +390,10 @@ def build_moa_graph(
         early_stop: ``"agreement"`` (skip the remaining proposer layers when every
             successful answer of a layer is the same after normalisation) or a function
             of the layer's successful answers (proposer order) returning True to stop.
+        layer_quorum, straggler_grace: close a proposer layer early: once
+            ``layer_quorum`` proposers answered, the others get ``straggler_grace`` times
+            the elapsed layer time more, then are dropped and recorded as stragglers (the
+            same rule as `ChatMoA`; None waits for every proposer, the reference structure).
         retry_policy: policies for proposer and aggregator nodes; None means
             `DEFAULT_RETRY_POLICY` (transient errors, 3 attempts). Pass
             ``RetryPolicy(max_attempts=1)`` to disable retries.
@@ -429,10 +423,12 @@ def build_moa_graph(
         proposer_timeout=proposer_timeout,
         min_proposers=min_proposers,
         aggregator_hidden=False,
+        layer_quorum=layer_quorum,
+        straggler_grace=straggler_grace,
+        early_stop=early_stop,
     )
     nodes = _MoANodes(
         engine,
-        _early_stop_predicate(early_stop),
         _policies(retry_policy),
         _aggregator_kwargs(tools, tool_choice),
     )
