@@ -12,7 +12,7 @@ import itertools
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID, uuid4
 
 from langchain_core.callbacks import (
@@ -92,6 +92,8 @@ class ChatMoA(BaseChatModel):
     """With `layer_quorum`: the others get this many times the elapsed layer time more."""
     early_stop: Any = None
     """Skip the remaining proposer layers: ``"agreement"`` or a function of the answers."""
+    reference_placement: Literal["first_system", "after_conversation"] = "first_system"
+    """Drafts in the first system message (the reference) or after the conversation."""
 
     # LangChain's standard parameters. They describe the model that answers, the
     # aggregator, and apply to it alone: proposers keep their own settings (forcing one
@@ -192,6 +194,7 @@ class ChatMoA(BaseChatModel):
             layer_quorum=self.layer_quorum,
             straggler_grace=self.straggler_grace,
             early_stop=self.early_stop,
+            reference_placement=self.reference_placement,
         )
 
     def _aggregator_options(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from langchain_moa.errors import MoAError
 from langchain_moa.models import model_label
 from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
 from langchain_moa.redaction import register_models
-from langchain_moa.references import inject_references, text_only_history
+from langchain_moa.references import Placement, inject_references, text_only_history
 
 _TOOL_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "strict")
 _KEPT_RESPONSE_KEYS = ("finish_reason", "model_provider", "system_fingerprint", "service_tier")
@@ -209,6 +209,8 @@ class MoAEngine:
     """After the quorum, the others get this many times the elapsed layer time more."""
     early_stop: EarlyStop = None
     """Skip the remaining proposer layers: ``"agreement"`` or a function of the answers."""
+    reference_placement: Placement = "first_system"
+    """Where drafts go: the first system message (reference) or after the conversation."""
 
     def __post_init__(self) -> None:
         timeout = validate_moa_config(
@@ -222,6 +224,7 @@ class MoAEngine:
             self, "aggregator_timeout", check_timeout(self.aggregator_timeout, "timeout")
         )
         early_stop_predicate(self.early_stop)  # validates
+        inject_references([], [], "", self.reference_placement)  # validates
         n = len(self.proposers)
         k = self.layer_quorum
         if k is not None and (
@@ -253,7 +256,9 @@ class MoAEngine:
         history = text_only_history(conversation)
         if previous is None:
             return history
-        return inject_references(history, answers_of(previous), self.aggregator_prompt)
+        return inject_references(
+            history, answers_of(previous), self.aggregator_prompt, self.reference_placement
+        )
 
     def aggregator_input(
         self, conversation: Sequence[BaseMessage], previous: Sequence[Proposal] | None
@@ -261,7 +266,9 @@ class MoAEngine:
         """Messages for the aggregator: the conversation with the last layer's answers injected."""
         if previous is None:
             return list(conversation)
-        return inject_references(conversation, answers_of(previous), self.aggregator_prompt)
+        return inject_references(
+            conversation, answers_of(previous), self.aggregator_prompt, self.reference_placement
+        )
 
     def check_conversation(self, conversation: Sequence[BaseMessage]) -> None:
         if not conversation:

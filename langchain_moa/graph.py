@@ -58,7 +58,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, Literal, TypedDict
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AnyMessage
@@ -370,6 +370,7 @@ def build_moa_graph(
     early_stop: EarlyStop = None,
     layer_quorum: int | None = None,
     straggler_grace: float = 0.5,
+    reference_placement: Literal["first_system", "after_conversation"] = "first_system",
     retry_policy: RetryPolicy | Sequence[RetryPolicy] | None = None,
     tools: Sequence[Any] | None = None,
     tool_choice: Any = None,
@@ -394,6 +395,9 @@ def build_moa_graph(
             ``layer_quorum`` proposers answered, the others get ``straggler_grace`` times
             the elapsed layer time more, then are dropped and recorded as stragglers (the
             same rule as `ChatMoA`; None waits for every proposer, the reference structure).
+        reference_placement: ``"first_system"`` (the reference structure) or
+            ``"after_conversation"`` (drafts in a system message after the conversation,
+            which keeps a provider's prompt cache valid; see README).
         retry_policy: policies for proposer and aggregator nodes; None means
             `DEFAULT_RETRY_POLICY` (transient errors, 3 attempts). Pass
             ``RetryPolicy(max_attempts=1)`` to disable retries.
@@ -426,6 +430,7 @@ def build_moa_graph(
         layer_quorum=layer_quorum,
         straggler_grace=straggler_grace,
         early_stop=early_stop,
+        reference_placement=reference_placement,
     )
     nodes = _MoANodes(
         engine,

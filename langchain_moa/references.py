@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Literal
 
 from langchain_core.messages import (
     AIMessage,
@@ -38,12 +39,30 @@ def _append_text(content: str | list, suffix: str) -> str | list:
     return blocks
 
 
+Placement = Literal["first_system", "after_conversation"]
+
+
 def inject_references(
-    messages: Sequence[BaseMessage], answers: Sequence[str], instruction: str
+    messages: Sequence[BaseMessage],
+    answers: Sequence[str],
+    instruction: str,
+    placement: Placement = "first_system",
 ) -> list[BaseMessage]:
-    """Return a copy of `messages` whose system message carries the numbered answers."""
+    """Return a copy of `messages` carrying the numbered answers.
+
+    ``"first_system"`` (the reference structure): appended to a leading system message,
+    or a new leading system message. ``"after_conversation"``: one system message after
+    the conversation, so the conversation stays a prefix shared with the layer before
+    (a provider's prompt cache then serves it; see README for the measured effect).
+    """
     text = references_text(instruction, answers)
     result = list(messages)
+    if placement == "after_conversation":
+        return [*result, SystemMessage(content=text)]
+    if placement != "first_system":
+        raise ValueError(
+            f"reference_placement must be 'first_system' or 'after_conversation', got {placement!r}"
+        )
     if result and isinstance(result[0], SystemMessage):
         first = result[0]
         result[0] = first.model_copy(update={"content": _append_text(first.content, "\n\n" + text)})

@@ -14,7 +14,10 @@ user's text, JSON that fits a requested ``response_format``, text that quotes to
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import random
 import re
 import threading
 import time
@@ -37,6 +40,10 @@ class ModelScript:
     """Fixed text, or a function of the request body; None = the smart default."""
     latency: float = 0.0
     """Seconds before the first byte."""
+    lognormal: tuple[float, float] | None = None
+    """Heavy-tailed latency ``(median_s, sigma)`` added per request, drawn from a seed that
+    is the hash of the request (model and messages): the same request always waits the
+    same time, so two policies compared on the same prompts see the same latencies."""
     token_delay: float = 0.0
     """Seconds between streamed chunks."""
     fail_times: int = 0
@@ -95,6 +102,19 @@ def _last(messages: list[dict[str, Any]], role: str) -> dict[str, Any] | None:
         if message.get("role") == role:
             return message
     return None
+
+
+def request_latency(
+    model: str, body: dict[str, Any], lognormal: tuple[float, float] | None
+) -> float:
+    """A lognormal latency fixed by the request's content (0 when no distribution is set)."""
+    if lognormal is None:
+        return 0.0
+    median, sigma = lognormal
+    digest = hashlib.sha256(
+        json.dumps([model, body.get("messages")], sort_keys=True).encode()
+    ).digest()
+    return random.Random(digest).lognormvariate(math.log(median), sigma)
 
 
 def count_tokens(text: str) -> int:
@@ -361,8 +381,9 @@ def _make_handler(server: ScriptedOpenAIServer) -> type[BaseHTTPRequestHandler]:
             server._record(record)
             script = server.script_for(model)
             count = server._next_count(model)
-            if script.latency:
-                time.sleep(script.latency)
+            delay = script.latency + request_latency(model, body, script.lognormal)
+            if delay:
+                time.sleep(delay)
             if script.reject_key:
                 record.status = 401
                 record.finished = time.perf_counter()

@@ -167,3 +167,39 @@ async def test_without_early_stop_every_layer_runs() -> None:
     result = await ChatMoA(proposers=ps, aggregator=model("agg"), layers=5).ainvoke("q")
     assert result.response_metadata["moa"]["early_stop"] is False
     assert sum(len(p.calls) for p in ps) == 8
+
+
+# ------------------------------------------------------------------- placement
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_drafts_after_the_conversation_keep_it_a_shared_prefix(how: str) -> None:
+    ps = [model("a", "alpha"), model("b", "beta")]
+    agg = model("agg", "final")
+    moa = ChatMoA(
+        proposers=ps,
+        aggregator=agg,
+        layers=3,
+        aggregator_prompt="Drafts:",
+        reference_placement="after_conversation",
+    )
+    conversation = [("system", "Be brief."), ("human", "hi"), ("ai", "hello"), ("human", "q")]
+    if how == "invoke":
+        moa.invoke(conversation)
+    elif how == "ainvoke":
+        await moa.ainvoke(conversation)
+    elif how == "stream":
+        list(moa.stream(conversation))
+    else:
+        [c async for c in moa.astream(conversation)]
+    expected_prefix = [("system", "Be brief."), ("human", "hi"), ("ai", "hello"), ("human", "q")]
+    for request in [ps[0].calls[1], agg.calls[0]]:  # layer 2 and the aggregator
+        assert [(m.type, m.content) for m in request[:4]] == expected_prefix
+        assert (request[4].type, request[4].content) == ("system", "Drafts:\n1. alpha\n2. beta")
+        assert len(request) == 5
+    assert [(m.type, m.content) for m in ps[0].calls[0]] == expected_prefix  # layer 1 unchanged
+
+
+def test_unknown_placement_is_a_one_line_error() -> None:
+    with pytest.raises(ConfigError, match="reference_placement: Input should be 'first_system'"):
+        ChatMoA(proposers=[model("a")], aggregator=model("agg"), reference_placement="end")
