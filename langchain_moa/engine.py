@@ -30,7 +30,6 @@ from langchain_moa.calls import CallResult, LayerClose, ModelCall, check_timeout
 from langchain_moa.errors import MoAError
 from langchain_moa.models import model_label
 from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
-from langchain_moa.redaction import register_models
 from langchain_moa.references import Placement, inject_references, text_only_history
 
 _TOOL_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "strict")
@@ -149,6 +148,22 @@ def validate_moa_config(
     return check_timeout(proposer_timeout, "proposer_timeout")
 
 
+def validate_layer_close(
+    *, n_proposers: int, min_proposers: int, layer_quorum: Any, straggler_grace: Any
+) -> None:
+    """Raise a one-line `ValueError` for an early-close setting that cannot work."""
+    k, g = layer_quorum, straggler_grace
+    if k is not None and (
+        isinstance(k, bool) or not isinstance(k, int) or not min_proposers <= k <= n_proposers
+    ):
+        raise ValueError(
+            f"layer_quorum must be an integer from min_proposers ({min_proposers}) "
+            f"to the number of proposers ({n_proposers}), or None to wait for all; got {k!r}"
+        )
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not (0 <= g < math.inf):
+        raise ValueError(f"straggler_grace must be a finite number >= 0, got {g!r}")
+
+
 def _as_chunk(message: BaseMessage) -> AIMessageChunk:
     """Models without native streaming yield a whole `AIMessage`; make it a chunk."""
     if isinstance(message, AIMessageChunk):
@@ -225,19 +240,12 @@ class MoAEngine:
         )
         early_stop_predicate(self.early_stop)  # validates
         inject_references([], [], "", self.reference_placement)  # validates
-        n = len(self.proposers)
-        k = self.layer_quorum
-        if k is not None and (
-            isinstance(k, bool) or not isinstance(k, int) or not self.min_proposers <= k <= n
-        ):
-            raise ValueError(
-                f"layer_quorum must be an integer from min_proposers ({self.min_proposers}) "
-                f"to the number of proposers ({n}), or None to wait for all; got {k!r}"
-            )
-        g = self.straggler_grace
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not (0 <= g < math.inf):
-            raise ValueError(f"straggler_grace must be a finite number >= 0, got {g!r}")
-        register_models([*self.proposers, self.aggregator])
+        validate_layer_close(
+            n_proposers=len(self.proposers),
+            min_proposers=self.min_proposers,
+            layer_quorum=self.layer_quorum,
+            straggler_grace=self.straggler_grace,
+        )
 
     # ----------------------------------------------------------------- structure
     @property
@@ -637,5 +645,6 @@ __all__ = [
     "normalize_answer",
     "final_response_metadata",
     "sum_usage",
+    "validate_layer_close",
     "validate_moa_config",
 ]

@@ -52,7 +52,7 @@ from pydantic import (
     model_validator,
 )
 
-from langchain_moa.engine import validate_moa_config
+from langchain_moa.engine import validate_layer_close, validate_moa_config
 from langchain_moa.errors import ConfigError
 from langchain_moa.redaction import looks_like_secret, redact, register_env
 
@@ -233,6 +233,12 @@ class Recipe(BaseModel):
     proposer_timeout: StrictFloat | None = None
     """Seconds a proposer layer waits; None (or inf in a file) means no limit."""
     aggregator_prompt: StrictStr | None = None
+    layer_quorum: StrictInt | None = None
+    """Close a proposer layer once this many answered (None: wait for all)."""
+    straggler_grace: StrictFloat = 0.5
+    """With layer_quorum: the others get this many times the elapsed layer time more."""
+    early_stop: Literal["agreement"] | None = None
+    reference_placement: Literal["first_system", "after_conversation"] = "first_system"
     proposers: list[ModelEntry]
     aggregator: ModelEntry
     source: StrictStr | None = None
@@ -262,6 +268,12 @@ class Recipe(BaseModel):
             layers=self.layers,
             min_proposers=self.min_proposers,
             proposer_timeout=self.proposer_timeout,
+        )
+        validate_layer_close(
+            n_proposers=len(self.proposers),
+            min_proposers=self.min_proposers,
+            layer_quorum=self.layer_quorum,
+            straggler_grace=self.straggler_grace,
         )
         return self
 
@@ -323,6 +335,10 @@ class Recipe(BaseModel):
             "layers": self.layers,
             "min_proposers": self.min_proposers,
             "proposer_timeout": self.proposer_timeout,
+            "layer_quorum": self.layer_quorum,
+            "straggler_grace": self.straggler_grace,
+            "early_stop": self.early_stop,
+            "reference_placement": self.reference_placement,
         }
         if self.aggregator_prompt is not None:
             kwargs["aggregator_prompt"] = self.aggregator_prompt

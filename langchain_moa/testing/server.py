@@ -254,7 +254,7 @@ class ScriptedOpenAIServer:
     # ------------------------------------------------------------- lifecycle
     def start(self) -> ScriptedOpenAIServer:
         handler = _make_handler(self)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = _Server(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="scripted-openai", daemon=True
@@ -315,6 +315,12 @@ class ScriptedOpenAIServer:
     def _record(self, request: RecordedRequest) -> None:
         with self._lock:
             self.requests.append(request)
+
+
+class _Server(ThreadingHTTPServer):
+    # The default listen backlog (5) refuses connections when a benchmark opens a hundred
+    # at once (24 MoA runs x 4 proposers); providers accept them.
+    request_queue_size = 512
 
 
 def _make_handler(server: ScriptedOpenAIServer) -> type[BaseHTTPRequestHandler]:
@@ -574,3 +580,36 @@ def _make_handler(server: ScriptedOpenAIServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.flush()
 
     return Handler
+
+
+def serve_in_subprocess(scripts: dict[str, dict[str, Any]]) -> tuple[str, Any]:
+    """Start the server in its own process: ``(base_url, process)``; stop with terminate().
+
+    For benchmarks: in-process, the server's threads share the client's GIL, and at a
+    hundred requests a second that contention is measured as provider latency. `scripts`
+    maps model names to `ModelScript` keyword arguments (plain JSON: replies as strings).
+    """
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "langchain_moa.testing.server", json.dumps(scripts)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    return process.stdout.readline().strip(), process
+
+
+if __name__ == "__main__":  # python -m langchain_moa.testing.server '{"model": {...}}'
+    import sys
+
+    specs = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+    server = ScriptedOpenAIServer(
+        scripts={
+            name: ModelScript(**{k: tuple(v) if k == "lognormal" else v for k, v in spec.items()})
+            for name, spec in specs.items()
+        }
+    ).start()
+    print(server.base_url, flush=True)
+    threading.Event().wait()

@@ -203,3 +203,18 @@ async def test_drafts_after_the_conversation_keep_it_a_shared_prefix(how: str) -
 def test_unknown_placement_is_a_one_line_error() -> None:
     with pytest.raises(ConfigError, match="reference_placement: Input should be 'first_system'"):
         ChatMoA(proposers=[model("a")], aggregator=model("agg"), reference_placement="end")
+
+
+def test_heavy_tail_latency_is_fixed_by_the_request() -> None:
+    from langchain_moa.testing.server import request_latency
+
+    body = {"messages": [{"role": "user", "content": "q1"}]}
+    first = request_latency("p1", body, (0.2, 0.8))
+    assert first == request_latency("p1", dict(body), (0.2, 0.8))  # same request, same wait
+    draws = [
+        request_latency("p1", {"messages": [{"role": "user", "content": f"q{i}"}]}, (0.2, 0.8))
+        for i in range(400)
+    ]
+    assert 0.15 < sorted(draws)[200] < 0.27  # median near 0.2 s
+    assert sorted(draws)[380] > 3 * sorted(draws)[200]  # p95 several times the median
+    assert request_latency("p1", body, None) == 0.0

@@ -106,8 +106,35 @@ def test_together_recipe_builds_openai_compatible_clients(monkeypatch) -> None:
 def test_chat_moa_kwargs_shape(monkeypatch) -> None:
     monkeypatch.setenv("TOGETHER_API_KEY", SECRET)
     kwargs = load_recipe("together-moa-lite").chat_moa_kwargs()
-    assert set(kwargs) == {"proposers", "aggregator", "layers", "min_proposers", "proposer_timeout"}
+    assert set(kwargs) == {
+        "proposers", "aggregator", "layers", "min_proposers", "proposer_timeout",
+        "layer_quorum", "straggler_grace", "early_stop", "reference_placement",
+    }  # fmt: skip
     assert kwargs["layers"] == 2 and kwargs["proposer_timeout"] == 120
+    assert kwargs["layer_quorum"] is None  # shipped recipes keep the reference structure
+
+
+def test_config_files_set_the_latency_options(tmp_path) -> None:
+    path = tmp_path / "fast.toml"
+    entry = 'model = "{}"\nbase_url = "http://127.0.0.1:9/v1"\n'
+    path.write_text(
+        'layers = 3\nlayer_quorum = 2\nstraggler_grace = 0.25\nearly_stop = "agreement"\n'
+        'reference_placement = "after_conversation"\n'
+        + "".join("[[proposers]]\n" + entry.format(m) for m in ("a", "b", "c"))
+        + "[aggregator]\n"
+        + entry.format("agg")
+    )
+    moa = ChatMoA.from_recipe(str(path))
+    assert (moa.layer_quorum, moa.straggler_grace, moa.early_stop) == (2, 0.25, "agreement")
+    assert moa.reference_placement == "after_conversation"
+    path.write_text(path.read_text().replace("layer_quorum = 2", "layer_quorum = 5"))
+    with pytest.raises(ConfigError) as info:
+        load_recipe(str(path))
+    assert (
+        "layer_quorum must be an integer from min_proposers (1) to the number of proposers (3)"
+        in str(info.value)
+    )
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("name", ["together-moa", "together-moa-lite"])
