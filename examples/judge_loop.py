@@ -28,7 +28,7 @@ def main() -> None:
     generator = local_chat_model(max_tokens=96)
     graph = build_judge_graph(judge, generator, n=args.n, threshold=args.threshold, max_attempts=2)
     state = graph.invoke({"prompt": args.prompt})
-    for i, (candidate, score) in enumerate(zip(state["candidates"], state["scores"])):
+    for i, (candidate, score) in enumerate(zip(state["candidates"], state["scores"], strict=True)):
         print(f"candidate {i} (win rate {score:.2f}): {candidate[:160]!r}")
     print(f"rounds: {state['attempts']}")
     print(f"best: {state['best']}")
