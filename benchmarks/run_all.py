@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,8 +38,12 @@ from langchain_core.callbacks import AsyncCallbackHandler
 from langchain_core.messages import HumanMessage
 
 from langchain_moa import ChatMoA, build_moa_graph
-from langchain_moa.testing import ModelScript, ScriptedOpenAIServer
-from langchain_moa.testing.server import serve_in_subprocess
+from langchain_moa.testing import (
+    ModelScript,
+    ScriptedOpenAIServer,
+    free_port,
+    serve_in_subprocess,
+)
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -145,12 +148,6 @@ async def tails() -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------- 2. faces
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def median_of(fn: Any, repeats: int) -> float:

@@ -6,6 +6,8 @@ from langchain_moa.testing.server import (
     ModelScript,
     RecordedRequest,
     ScriptedOpenAIServer,
+    free_port,
+    serve_in_subprocess,
     smart_reply,
 )
 
@@ -15,5 +17,7 @@ __all__ = [
     "RecordedRequest",
     "ScriptedChatModel",
     "ScriptedOpenAIServer",
+    "free_port",
+    "serve_in_subprocess",
     "smart_reply",
 ]

@@ -582,6 +582,15 @@ def _make_handler(server: ScriptedOpenAIServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for servers a test or benchmark starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def serve_in_subprocess(scripts: dict[str, dict[str, Any]]) -> tuple[str, Any]:
     """Start the server in its own process: ``(base_url, process)``; stop with terminate().
 
@@ -593,7 +602,13 @@ def serve_in_subprocess(scripts: dict[str, dict[str, Any]]) -> tuple[str, Any]:
     import sys
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "langchain_moa.testing.server", json.dumps(scripts)],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from langchain_moa.testing.server import serve_forever; "
+            "serve_forever(sys.argv[1])",
+            json.dumps(scripts),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -601,10 +616,9 @@ def serve_in_subprocess(scripts: dict[str, dict[str, Any]]) -> tuple[str, Any]:
     return process.stdout.readline().strip(), process
 
 
-if __name__ == "__main__":  # python -m langchain_moa.testing.server '{"model": {...}}'
-    import sys
-
-    specs = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+def serve_forever(specs_json: str) -> None:
+    """Run a server for `serve_in_subprocess`: print its base URL, then serve until killed."""
+    specs = json.loads(specs_json)
     server = ScriptedOpenAIServer(
         scripts={
             name: ModelScript(**{k: tuple(v) if k == "lognormal" else v for k, v in spec.items()})

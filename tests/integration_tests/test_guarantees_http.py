@@ -15,7 +15,6 @@ import json
 import os
 import random
 import re
-import socket
 import string
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from langchain_openai import ChatOpenAI
 from langchain_moa import ChatMoA, MoAError, MoAJudge, build_judge_graph, build_moa_graph
 from langchain_moa.calls import CallError
 from langchain_moa.pipelines import agenerate
-from langchain_moa.testing import ModelScript, ScriptedOpenAIServer
+from langchain_moa.testing import ModelScript, ScriptedOpenAIServer, free_port
 
 pytestmark = pytest.mark.http
 
@@ -257,12 +256,6 @@ def test_generate_never_writes_the_key(server: ScriptedOpenAIServer, tmp_path: P
     assert result.returncode == 1
     errors = (tmp_path / "out.jsonl.errors.jsonl").read_text()
     assert key not in result.stdout + result.stderr + errors and "***" in errors
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_serve_log_never_shows_the_key(server: ScriptedOpenAIServer, tmp_path: Path) -> None:

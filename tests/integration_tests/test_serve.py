@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from langchain_moa.testing import ModelScript, ScriptedOpenAIServer
+from langchain_moa.testing import ModelScript, ScriptedOpenAIServer, free_port
 
 pytest.importorskip("langserve", reason="the 'serve' extra is not installed")
 pytestmark = pytest.mark.http
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_moa_serve_invoke_and_stream(tmp_path: Path) -> None:

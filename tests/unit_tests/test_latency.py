@@ -218,3 +218,19 @@ def test_heavy_tail_latency_is_fixed_by_the_request() -> None:
     assert 0.15 < sorted(draws)[200] < 0.27  # median near 0.2 s
     assert sorted(draws)[380] > 3 * sorted(draws)[200]  # p95 several times the median
     assert request_latency("p1", body, None) == 0.0
+
+
+def test_the_scripted_server_runs_in_its_own_process_for_load_benchmarks() -> None:
+    import httpx
+
+    from langchain_moa.testing import serve_in_subprocess
+
+    base_url, process = serve_in_subprocess({"m": {"reply": "hello", "lognormal": [0.01, 0.1]}})
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+        reply = httpx.post(base_url + "/chat/completions", json=body, timeout=30).json()
+        assert reply["choices"][0]["message"]["content"] == "hello"
+        assert base_url.startswith("http://127.0.0.1:")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
