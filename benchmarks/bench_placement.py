@@ -64,7 +64,7 @@ def main() -> None:
     proposers = [
         local_chat_model(temperature=t, seed=s, max_tokens=40)
         for t, s in [(0.6, 1), (0.8, 2), (1.0, 3)]
-    ]  # noqa: E501
+    ]
     aggregator = local_chat_model(temperature=0.3, seed=7, max_tokens=8)
     engines = {
         placement: ChatMoA(

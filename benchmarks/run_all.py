@@ -41,8 +41,8 @@ from langchain_moa import ChatMoA, build_moa_graph
 from langchain_moa.testing import (
     ModelScript,
     ScriptedOpenAIServer,
-    free_port,
     serve_in_subprocess,
+    start_moa_serve,
 )
 
 HERE = Path(__file__).parent
@@ -71,13 +71,13 @@ class RunTimer(AsyncCallbackHandler):
 
     async def on_chat_model_start(
         self, serialized: Any, messages: Any, *, run_id: Any, parent_run_id: Any = None, **kw: Any
-    ) -> None:  # noqa: E501
+    ) -> None:
         if parent_run_id is None:
             self.started[run_id] = time.perf_counter()
 
     async def on_llm_end(
         self, response: Any, *, run_id: Any, parent_run_id: Any = None, **kw: Any
-    ) -> None:  # noqa: E501
+    ) -> None:
         if parent_run_id is None and run_id in self.started:
             self.seconds.append(time.perf_counter() - self.started.pop(run_id))
 
@@ -134,7 +134,7 @@ async def tail(prompts: int = 120, concurrency: int = 24) -> dict[str, Any]:
         "aggregator_s": 0.1,
         "prompts": prompts,
         "max_concurrency": 24,
-    }  # noqa: E501
+    }
     return found
 
 
@@ -194,7 +194,7 @@ async def faces(repeats: int = 5) -> dict[str, Any]:
             "graph.invoke": median_of(lambda: graph.invoke({"messages": question}), repeats),
             "graph.ainvoke": await amedian_of(
                 lambda: graph.ainvoke({"messages": question}), repeats
-            ),  # noqa: E501
+            ),
         }
         config = RESULTS / "serve_bench.toml"
         entry = 'model = "{}"\nbase_url = "' + server.base_url + '"\n'
@@ -204,29 +204,11 @@ async def faces(repeats: int = 5) -> dict[str, Any]:
             + "[aggregator]\n"
             + entry.format("agg")
         )
-        port = free_port()
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "langchain_moa.cli",
-                "serve",
-                "--config",
-                str(config),
-                "--port",
-                str(port),
-            ],  # noqa: E501
-            stderr=subprocess.DEVNULL,
-        )
+        base, process = start_moa_serve(config)
         try:
-            url = f"http://127.0.0.1:{port}/moa/invoke"
+            url = f"{base}/invoke"
             with httpx.Client(timeout=60) as http:
-                for _ in range(300):
-                    try:
-                        http.post(url, json={"input": "What is MoA?"})
-                        break
-                    except httpx.TransportError:
-                        time.sleep(0.1)
+                http.post(url, json={"input": "What is MoA?"})  # warm up
                 seconds["moa serve (HTTP)"] = median_of(
                     lambda: http.post(url, json={"input": "What is MoA?"}).raise_for_status(),
                     repeats,
@@ -245,7 +227,7 @@ async def faces(repeats: int = 5) -> dict[str, Any]:
             "proposer_s": 0.25,
             "aggregator_s": 0.3,
             "repeats": repeats,
-        },  # noqa: E501
+        },
     }
 
 
@@ -285,7 +267,7 @@ def growth() -> dict[str, Any]:
         "by_layers_3_proposers": by_layers,
         "by_proposers_2_layers": by_proposers,
         "early_stop_5_layers_3_agreeing": early,
-    }  # noqa: E501
+    }
 
 
 # ------------------------------------------------------------------------ plots
@@ -315,7 +297,7 @@ def plot(tail_data: dict, faces_data: dict, growth_data: dict) -> None:
     axes[0].set_ylabel("fraction of answers")
     fig.suptitle(
         "Heavy-tailed proposers (lognormal 0.2 s, sigma 0.8), 4 proposers, 3 layers, 120 prompts"
-    )  # noqa: E501
+    )
     fig.tight_layout()
     fig.savefig(RESULTS / "tail_cdf.png", dpi=120)
 
@@ -336,7 +318,7 @@ def plot(tail_data: dict, faces_data: dict, growth_data: dict) -> None:
     for ax, key, title in (
         (axes[0], "by_layers_3_proposers", "3 proposers, layers 1-5"),
         (axes[1], "by_proposers_2_layers", "2 layers, proposers 1-5"),
-    ):  # noqa: E501
+    ):
         data = growth_data[key]
         xs = [int(x) for x in data]
         for metric in ("calls", "prompt_tokens", "completion_tokens"):
@@ -369,7 +351,7 @@ def plot(tail_data: dict, faces_data: dict, growth_data: dict) -> None:
             data["warm_moa_s"],
             data["cold_single_s"],
             data["cold_moa_s"],
-        ]  # noqa: E501
+        ]
         ax.bar(labels, values, color=["#55a868", "#4c72b0", "#8fd19e", "#8da0cb"])
         for x, value in enumerate(values):
             ax.text(x, value, f"{value:.1f} s", ha="center", va="bottom", fontsize=8)
@@ -384,7 +366,7 @@ def plot(tail_data: dict, faces_data: dict, growth_data: dict) -> None:
         labels = [
             "drafts in the first system message\n(reference)",
             "drafts after the conversation",
-        ]  # noqa: E501
+        ]
         values = [data["ttft_s"]["first_system"], data["ttft_s"]["after_conversation"]]
         ax.barh(labels, values, color=["#c44e52", "#55a868"])
         for y, value in enumerate(values):
@@ -398,7 +380,7 @@ def plot(tail_data: dict, faces_data: dict, growth_data: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )  # noqa: E501
+    )
     parser.add_argument("--skip-local", action="store_true", help="skip the embedded-model runs")
     parser.add_argument("--only", choices=["tail", "faces", "growth"], help="one part, then plots")
     args = parser.parse_args()

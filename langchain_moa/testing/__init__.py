@@ -9,6 +9,7 @@ from langchain_moa.testing.server import (
     free_port,
     serve_in_subprocess,
     smart_reply,
+    start_moa_serve,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "free_port",
     "serve_in_subprocess",
     "smart_reply",
+    "start_moa_serve",
 ]

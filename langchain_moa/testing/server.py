@@ -591,6 +591,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_moa_serve(
+    config: Any, *, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> tuple[str, Any]:
+    """``moa serve --config CONFIG`` on a free loopback port, started as a user starts it.
+
+    Returns ``(base URL of the /moa routes, process)`` once the server answers; stdout and
+    stderr are pipes (read them after ``terminate()``). Raises if it exits or never answers.
+    """
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "langchain_moa.cli", "serve", "--config", str(config),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/moa"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(f"{base}/input_schema", timeout=2)
+            return base, process
+        except httpx.HTTPError:
+            if process.poll() is not None:
+                raise RuntimeError(f"moa serve exited: {process.communicate()[1]}") from None
+            if time.monotonic() > deadline:
+                process.kill()
+                raise TimeoutError(f"moa serve did not answer within {timeout:g} s") from None
+            time.sleep(0.2)
+
+
 def serve_in_subprocess(scripts: dict[str, dict[str, Any]]) -> tuple[str, Any]:
     """Start the server in its own process: ``(base_url, process)``; stop with terminate().
 

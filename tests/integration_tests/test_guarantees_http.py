@@ -33,7 +33,7 @@ from langchain_openai import ChatOpenAI
 from langchain_moa import ChatMoA, MoAError, MoAJudge, build_judge_graph, build_moa_graph
 from langchain_moa.calls import CallError
 from langchain_moa.pipelines import agenerate
-from langchain_moa.testing import ModelScript, ScriptedOpenAIServer, free_port
+from langchain_moa.testing import ModelScript, ScriptedOpenAIServer, start_moa_serve
 
 pytestmark = pytest.mark.http
 
@@ -193,7 +193,7 @@ ENV_NAME = "ACME_ACCESS"  # not named like a credential: only the config says it
 
 def write_config(
     tmp_path: Path, server: ScriptedOpenAIServer, proposers: list[str], agg: str, extra: str = ""
-) -> Path:  # noqa: E501
+) -> Path:
     entry = f'model = "{{}}"\nbase_url = "{server.base_url}"\napi_key_env = "{ENV_NAME}"\n'
     text = f"layers = 2\n{extra}" + "".join("[[proposers]]\n" + entry.format(p) for p in proposers)
     text += "[aggregator]\n" + entry.format(agg)
@@ -204,7 +204,7 @@ def write_config(
 
 def moa(
     *args: str, key: str, stdin: str | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess:  # noqa: E501
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "langchain_moa.cli", *args],
         input=stdin,
@@ -222,7 +222,7 @@ FLAG_SETS = [
     ["--verbose"],
     ["--json", "--show-proposals"],
     ["--debug"],
-]  # noqa: E501
+]
 
 
 @pytest.mark.parametrize("shape", ["no-known-shape", "plain-hex"])
@@ -252,7 +252,7 @@ def test_generate_never_writes_the_key(server: ScriptedOpenAIServer, tmp_path: P
     source.write_text('{"id": "a", "prompt": "q"}\n')
     result = moa(
         "generate", str(source), str(tmp_path / "out.jsonl"), "--config", str(cfg), key=key
-    )  # noqa: E501
+    )
     assert result.returncode == 1
     errors = (tmp_path / "out.jsonl.errors.jsonl").read_text()
     assert key not in result.stdout + result.stderr + errors and "***" in errors
@@ -262,33 +262,9 @@ def test_serve_log_never_shows_the_key(server: ScriptedOpenAIServer, tmp_path: P
     pytest.importorskip("langserve")
     key = KEYS["no-known-shape"]
     cfg = write_config(tmp_path, server, ["p1"], "reject")
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "langchain_moa.cli",
-            "serve",
-            "--config",
-            str(cfg),
-            "--port",
-            str(port),
-        ],  # noqa: E501
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, ENV_NAME: key},
-    )
+    base, process = start_moa_serve(cfg, env={ENV_NAME: key})
     try:
-        url = f"http://127.0.0.1:{port}/moa/invoke"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                response = httpx.post(url, json={"input": "q"}, timeout=30)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and process.poll() is None
-                time.sleep(0.2)
+        response = httpx.post(f"{base}/invoke", json={"input": "q"}, timeout=30)
         assert response.status_code == 500 and key not in response.text
     finally:
         process.terminate()

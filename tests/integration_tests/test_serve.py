@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from langchain_moa.testing import ModelScript, ScriptedOpenAIServer, free_port
+from langchain_moa.testing import ModelScript, ScriptedOpenAIServer, start_moa_serve
 
 pytest.importorskip("langserve", reason="the 'serve' extra is not installed")
 pytestmark = pytest.mark.http
@@ -26,24 +22,8 @@ def test_moa_serve_invoke_and_stream(tmp_path: Path) -> None:
         cfg = tmp_path / "cfg.toml"
         entry = f'base_url = "{server.base_url}"\napi_key_env = "SCRIPTED_KEY"\n'
         cfg.write_text(f'[[proposers]]\nmodel = "p1"\n{entry}[aggregator]\nmodel = "agg"\n{entry}')
-        port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "langchain_moa.cli", "serve", "--config", str(cfg),
-             "--host", "127.0.0.1", "--port", str(port)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "SCRIPTED_KEY": "sk-scripted-test"},
-        )  # fmt: skip
-        base = f"http://127.0.0.1:{port}/moa"
+        base, proc = start_moa_serve(cfg, env={"SCRIPTED_KEY": "sk-scripted-test"})
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    httpx.get(f"{base}/input_schema", timeout=2)
-                    break
-                except httpx.HTTPError:
-                    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-                    assert time.monotonic() < deadline, "moa serve did not start"
-                    time.sleep(0.2)
             reply = httpx.post(f"{base}/invoke", json={"input": "hello"}, timeout=30).json()
             output = reply["output"]
             assert output["content"] == "served answer"

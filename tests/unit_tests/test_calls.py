@@ -43,7 +43,7 @@ class Tracked(ScriptedChatModel):
 
     def _generate(
         self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
-    ) -> Any:  # noqa: E501
+    ) -> Any:
         self._enter(TRACKER, "sync")
         try:
             return super()._generate(messages, stop, run_manager, **kw)
@@ -53,7 +53,7 @@ class Tracked(ScriptedChatModel):
 
     def _stream(
         self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
-    ) -> Any:  # noqa: E501
+    ) -> Any:
         self._enter(TRACKER, "sync")
         try:
             yield from super()._stream(messages, stop, run_manager, **kw)
@@ -63,7 +63,7 @@ class Tracked(ScriptedChatModel):
 
     async def _agenerate(
         self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
-    ) -> Any:  # noqa: E501
+    ) -> Any:
         self._enter(TRACKER, "async")
         try:
             return await super()._agenerate(messages, stop, run_manager, **kw)
