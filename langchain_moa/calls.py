@@ -294,7 +294,7 @@ class ModelCall:
             k: v for k, v in (parent or {}).items() if k not in ("run_id", "run_name")
         }
         base["tags"] = [*base.get("tags", []), *self.tags]
-        base["metadata"] = {**base.get("metadata", {}), **self.metadata}
+        base["metadata"] = {**base.get("metadata", {}), "moa_role": self.role, **self.metadata}
         if self.run_name:
             base["run_name"] = self.run_name
         return base  # type: ignore[return-value]

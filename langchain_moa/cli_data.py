@@ -22,6 +22,7 @@ def _recipe_models(args: argparse.Namespace) -> dict[str, Any]:
     if args.layers is not None:
         kwargs["layers"] = args.layers
     kwargs["all_local"] = all(e.provider == "local" for e in [*recipe.proposers, recipe.aggregator])
+    kwargs["label"] = recipe.label
     return kwargs
 
 
@@ -36,68 +37,73 @@ def build_policy(spec: str) -> Any:
     return resolve_model(spec, role="--policy")
 
 
-def _report(summary: Any, output: str, push: str | None) -> int:
-    err.print(
-        f"{summary.written} written, {summary.skipped} already done, {summary.failed} failed "
-        f"(of {summary.total} rows) -> {output}"
-    )
+def _report(summary: Any, output: str) -> int:
+    err.print(f"{summary.describe()} -> {output}", markup=False)
     for failure in summary.failures[:10]:
         where = f"line {failure.get('line')}" + (
             f" (id {failure['id']})" if failure.get("id") else ""
         )
         err.print(f"  {where}: {failure['reason']}", markup=False)
-    if summary.failed > 10:
-        err.print(f"  ... {summary.failed - 10} more in {summary.errors_path}", markup=False)
-    if push:
-        from langchain_moa.pipelines import push_to_hub
-
-        url = push_to_hub(output, push)
-        err.print(f"uploaded to {url}", markup=False)
+    if len(summary.failures) > 10:
+        err.print(f"  ... {len(summary.failures) - 10} more in {summary.errors_path}", markup=False)
+    if summary.uploaded_to:
+        err.print(f"uploaded to {summary.uploaded_to}", markup=False)
     return 0 if summary.ok else 1
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    from langchain_moa.pipelines import parse_shard
+
+    return {
+        "concurrency": args.concurrency,
+        "shard": parse_shard(args.shard),
+        "keep_duplicates": args.keep_duplicates,
+        "push_to_hub": args.push_to_hub,
+    }
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from langchain_moa.chat_model import ChatMoA
     from langchain_moa.pipelines import agenerate
 
+    options = _run_options(args)  # flags first: a bad --shard costs no model start
     kwargs = _recipe_models(args)
     kwargs.pop("all_local")
+    kwargs.pop("label", None)
     moa = ChatMoA(**kwargs)
-    summary = asyncio.run(agenerate(args.input, args.output, moa, concurrency=args.concurrency))
-    return _report(summary, args.output, args.push_to_hub)
+    summary = asyncio.run(agenerate(args.input, args.output, moa, **options))
+    return _report(summary, args.output)
 
 
 def cmd_label(args: argparse.Namespace) -> int:
     from langchain_moa.judge import MoAJudge
     from langchain_moa.pipelines import alabel
+    from langchain_moa.recipes import LabelSettings
 
+    options = _run_options(args)
     models = _recipe_models(args)
+    defaults = models.get("label") or LabelSettings()
     criteria: Any = None
     if args.criteria == "dynamic":
         criteria = "dynamic"
     elif args.criteria:
         criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
+    aggregate = defaults.aggregate if args.aggregate is None else args.aggregate
     judge = MoAJudge(
         judges=models["proposers"] or [models["aggregator"]],
-        aggregator=None if args.no_aggregate else models["aggregator"],
-        mode=args.mode,
-        swap=not args.no_swap,
+        aggregator=models["aggregator"] if aggregate else None,
+        mode=args.mode or defaults.mode,
+        swap=defaults.swap if args.swap is None else args.swap,
         criteria=criteria,
         # llama.cpp grammars make small local models give parseable verdicts
         grammar=models["all_local"],
     )
     policy = build_policy(args.policy) if args.policy else None
+    samples = args.samples or defaults.samples
     summary = asyncio.run(
-        alabel(
-            args.input,
-            args.output,
-            judge,
-            policy=policy,
-            samples=args.samples,
-            concurrency=args.concurrency,
-        )  # fmt: skip
+        alabel(args.input, args.output, judge, policy=policy, samples=samples, **options)
     )
-    return _report(summary, args.output, args.push_to_hub)
+    return _report(summary, args.output)
 
 
 def _positive(value: str) -> int:
@@ -107,14 +113,34 @@ def _positive(value: str) -> int:
     return number
 
 
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--concurrency", type=_positive, default=4, help="rows in flight (default: 4)"
+    )
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="take only shard I of N (1-based; rows split by identity, each shard its own OUT)",
+    )
+    parser.add_argument(
+        "--keep-duplicates",
+        action="store_true",
+        help="answer every copy of a row whose content repeats (default: once, others reported)",
+    )
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="upload OUT as a dataset file when done (token: HF_TOKEN or `hf auth login`)",
+    )
+
+
 def register(sub: Any, add_model_options: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add the data subcommands to the `moa` parser."""
     gen = sub.add_parser("generate", help="SFT data: the MoA answer for every prompt (TRL format)")
     gen.add_argument("input", help="JSONL file, or hf://datasets/OWNER/NAME/FILE.jsonl")
     gen.add_argument("output", help="JSONL file to append to (re-runs skip rows already there)")
     add_model_options(gen)
-    gen.add_argument("--concurrency", type=_positive, default=4, help="rows in flight")
-    gen.add_argument("--push-to-hub", metavar="REPO", help="upload OUT as a dataset (HF_TOKEN)")
+    _add_run_options(gen)
     gen.set_defaults(func=cmd_generate)
 
     lab = sub.add_parser("label", help="DPO data: chosen/rejected pairs ranked by an MoA judge")
@@ -124,13 +150,26 @@ def register(sub: Any, add_model_options: Callable[[argparse.ArgumentParser], No
     lab.add_argument(
         "--policy", help="sample candidates from this model: 'local' or provider:model"
     )
-    lab.add_argument("--samples", type=_positive, default=5, help="candidates per prompt")
-    lab.add_argument("--mode", choices=["pairwise", "pointwise"], default="pairwise")
-    lab.add_argument("--no-swap", action="store_true", help="judge each pair in one order only")
-    lab.add_argument("--no-aggregate", action="store_true", help="plain ensemble, no aggregator")
+    lab.add_argument(
+        "--samples", type=_positive, help="candidates per prompt (default: the recipe's, 5)"
+    )
+    lab.add_argument(
+        "--mode",
+        choices=["pairwise", "pointwise"],
+        help="judge pairs, or rate each candidate alone (default: the recipe's, pairwise)",
+    )
+    lab.add_argument(
+        "--swap",
+        action=argparse.BooleanOptionalAction,
+        help="pairwise: judge each pair in both orders (default: the recipe's, on)",
+    )
+    lab.add_argument(
+        "--aggregate",
+        action=argparse.BooleanOptionalAction,
+        help="let the aggregator re-judge with the verdicts in view (default: the recipe's, on)",
+    )
     lab.add_argument("--criteria", help="'dynamic', or comma-separated criteria")
-    lab.add_argument("--concurrency", type=_positive, default=4, help="rows in flight")
-    lab.add_argument("--push-to-hub", metavar="REPO", help="upload OUT as a dataset (HF_TOKEN)")
+    _add_run_options(lab)
     lab.set_defaults(func=cmd_label)
 
 

@@ -254,6 +254,11 @@ class MoAEngine:
         return self.layers - 1
 
     @property
+    def calls_per_answer(self) -> int:
+        """Model calls one answer takes (first attempts, no early stop): for planning."""
+        return len(self.proposers) * self.proposer_layers + 1
+
+    @property
     def aggregator_tags(self) -> tuple[str, ...]:
         return tuple(self._aggregator_call([], {}).tags)
 

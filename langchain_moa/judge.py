@@ -155,7 +155,8 @@ def filter_criteria(candidates: Sequence[str], prompt: str) -> tuple[list[str], 
 class JudgeResult:
     """The outcome of ranking candidates for one prompt."""
 
-    scores: list[float]
+    scores: list[float | None]
+    """Per candidate; None when no judge rated it (an abstention, never a low score)."""
     chosen: int
     rejected: int
     details: dict[str, Any] = field(default_factory=dict)
@@ -206,6 +207,11 @@ class PairwiseMode:
     def parse(self, text: str) -> str | None:
         return parse_pairwise(text)
 
+    def describe_key(self, key: tuple) -> dict[str, Any]:
+        """A request's key for records (one shape per mode, so tables type it once)."""
+        _, i, j, order = key
+        return {"first": i, "second": j, "swapped": bool(order)}
+
     def points(self, deciding: Sequence[_Request], n: int) -> list[list[float]]:
         """Per candidate, the points of every (pair, judge) vote it took part in."""
         points: list[list[float]] = [[] for _ in range(n)]
@@ -241,6 +247,9 @@ class PointwiseMode:
 
     def parse(self, text: str) -> float | None:
         return parse_rating(text)
+
+    def describe_key(self, key: tuple) -> dict[str, Any]:
+        return {"candidate": key[1]}
 
     def points(self, deciding: Sequence[_Request], n: int) -> list[list[float]]:
         points: list[list[float]] = [[] for _ in range(n)]
@@ -320,6 +329,14 @@ class MoAJudge:
     @property
     def _mode(self) -> PairwiseMode | PointwiseMode:
         return MODES[self.mode]
+
+    def calls_for(self, candidates: int) -> int:
+        """Model calls to rank `candidates` answers, first attempts only (for planning)."""
+        per_judge = len(self._mode.requests("", [""] * candidates, self.swap))
+        total = per_judge * len(self.judges)
+        if self.aggregator is not None:
+            total += per_judge
+        return total + (1 if self.criteria == "dynamic" else 0)
 
     # ---------------------------------------------------------------- requests
     def _system(self, criteria: list[str]) -> str:
@@ -449,13 +466,15 @@ class MoAJudge:
                 f"no usable verdict from {len(self.judges)} judge(s) on {n} candidates: "
                 + ("; ".join(errors) or "no answers")
             )
-        scores = [sum(p) / len(p) if p else 0.0 for p in points]
-        best, worst = max(scores), min(scores)
-        chosen = min(i for i, s in enumerate(scores) if s == best)
-        rejected = max(i for i, s in enumerate(scores) if s == worst)
+        # a candidate no judge rated abstains (None): it is never chosen or rejected
+        scores: list[float | None] = [sum(p) / len(p) if p else None for p in points]
+        rated = [(i, s) for i, s in enumerate(scores) if s is not None]
+        best, worst = max(s for _, s in rated), min(s for _, s in rated)
+        chosen = min(i for i, s in rated if s == best)
+        rejected = max(i for i, s in rated if s == worst)
         ties = {
-            "chosen_tied_with": [i for i, s in enumerate(scores) if s == best and i != chosen],
-            "rejected_tied_with": [i for i, s in enumerate(scores) if s == worst and i != rejected],
+            "chosen_tied_with": [i for i, s in rated if s == best and i != chosen],
+            "rejected_tied_with": [i for i, s in rated if s == worst and i != rejected],
             "all_equal": best == worst,
         }
 
@@ -465,7 +484,7 @@ class MoAJudge:
                 self.aggregator if request.judge < 0 else self.judges[request.judge]
             )
             return {
-                "judge": judge, "model": model, "key": list(request.key),
+                "judge": judge, "model": model, "key": self._mode.describe_key(request.key),
                 "verdict": request.parsed, "raw": request.raw, "attempts": len(request.raw),
                 "error": request.error, "abstained": request.parsed is None,
             }  # fmt: skip
@@ -480,6 +499,7 @@ class MoAJudge:
                 "swap": self.swap,
                 "scoring": self._mode.scoring,
                 "votes_per_candidate": [len(p) for p in points],
+                "unrated": [i for i, s in enumerate(scores) if s is None],
                 "verdicts": [describe(r) for r in requests],
                 "aggregator_verdicts": [describe(r) for r in agg_requests],
                 "abstentions": sum(r.parsed is None for r in everything),

@@ -1,25 +1,36 @@
 """MoAA data pipelines: SFT answers from an MoA, preference pairs from an MoA judge.
 
 `generate` writes TRL SFT rows (``{"messages": [..., {"role": "assistant", ...}]}``) and
-`label` writes TRL DPO rows (``{"prompt", "chosen", "rejected"}``) from a JSONL input whose
-rows hold a ``prompt`` string or a ``messages`` list, plus an optional ``id`` (and, for
-`label`, optional ``responses`` to rank).
+`label` writes TRL DPO rows in conversational form (``{"prompt": [...], "chosen": [...],
+"rejected": [...]}``, every row alike, so each column has one type) from a JSONL input
+whose rows hold a ``prompt`` string or a ``messages`` list, plus an optional ``id`` (and,
+for `label`, optional ``responses`` to rank).
 
-Crash safety: each finished row is appended to OUT as one JSON line, flushed and fsynced.
-A re-run with the same OUT first drops a torn last line (a kill mid-write), then skips every
-row whose id is already there, so a run killed at any moment and restarted ends with every
-row exactly once. Rows without an ``id`` are identified by their input line number. Rows
-that fail go to ``OUT.errors.jsonl`` with the reason; malformed input lines are reported
-there with their line number, never skipped silently.
+Exactly once: a row's identity is its ``id``, else a hash of its content (the conversation,
+plus ``responses`` for `label`), so editing, reordering or appending to the input never
+skips or repeats a prompt. Each finished row is appended to OUT as one line, flushed and
+fsynced; a re-run first drops a torn last line (a kill mid-write), then skips every row
+whose identity is already there. An exclusive lock (``OUT.lock``) keeps a second run off
+the same OUT. Content that appears twice is answered once and reported, unless asked for
+(``keep_duplicates``). Failed, malformed and duplicate rows go to ``OUT.errors.jsonl``
+with one complete line of reason each.
+
+Before any row is sent: OUT and its errors file must be writable, OUT must not be the
+input, a Hub upload needs a token. The first row then runs alone: if a model cannot be
+reached (connection refused, unknown model, rejected key) the run stops there, before
+spending anything on the other rows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +38,7 @@ from typing import Any
 
 from langchain_core.messages import convert_to_messages
 from langchain_core.runnables import RunnableConfig
+from langchain_core.tracers.base import BaseTracer
 
 from langchain_moa import calls
 from langchain_moa.calls import CallResult, ModelCall
@@ -35,10 +47,18 @@ from langchain_moa.redaction import one_line, redact
 
 HF_PREFIX = "hf://datasets/"
 
+# Errors that mean "this model cannot be used as configured", not "this row went wrong".
+_UNREACHABLE = {
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+}
+_CONNECTION = {"APIConnectionError", "ConnectError", "ConnectionError", "ConnectionRefusedError"}
+
 
 @dataclass
 class InputRow:
-    """One usable input row."""
+    """One usable input row. ``id`` is the explicit id or a content hash (``sha256:...``)."""
 
     id: str
     line: int
@@ -46,24 +66,106 @@ class InputRow:
     messages: list[dict[str, Any]]
     responses: list[str] | None = None
 
+    @property
+    def identity(self) -> str:
+        """What decides the shard: the id, without a duplicate's ``#k`` suffix."""
+        return self.id.split("#", 1)[0]
+
 
 @dataclass
 class RunSummary:
-    """What a pipeline run did."""
+    """What a pipeline run did; the counts add up to `read`."""
 
-    total: int = 0
+    read: int = 0
+    """Non-blank input lines."""
+    other_shards: int = 0
     skipped: int = 0
+    """Already in OUT from an earlier run."""
     written: int = 0
     failed: int = 0
+    malformed: int = 0
+    duplicates: int = 0
+    not_attempted: int = 0
+    """Rows left alone because the run stopped early (see `RunStopped`)."""
     errors_path: Path | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
+    uploaded_to: str | None = None
+    """The Hub commit URL when the run uploaded OUT."""
+    model_calls: int = 0
+    """Model calls the rows made (retries and re-asks included)."""
+    finished_at: list[float] = field(default_factory=list)
+    """Seconds since the start at which each row finished (for throughput plots)."""
+
+    @property
+    def total(self) -> int:
+        return self.read
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0
+        return self.failed == 0 and self.malformed == 0 and self.not_attempted == 0
+
+    def describe(self) -> str:
+        """``read 5 rows: 1 already done, 2 written, 1 failed, 1 malformed``."""
+        parts = [
+            (self.other_shards, "in other shards"),
+            (self.skipped, "already done"),
+            (self.written, "written"),
+            (self.failed, "failed"),
+            (self.malformed, "malformed"),
+            (self.duplicates, "duplicate" if self.duplicates == 1 else "duplicates"),
+            (self.not_attempted, "not attempted"),
+        ]
+        shown = [f"{n} {what}" for n, what in parts if n or what in ("written", "failed")]
+        return f"read {self.read} row{'s' if self.read != 1 else ''}: " + ", ".join(shown)
+
+
+class RunStopped(ConfigError):
+    """The first row showed that a model cannot be used; nothing else was sent."""
+
+    def __init__(self, message: str, summary: RunSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+class OutputBusy(ConfigError):
+    """Another run holds OUT's lock."""
 
 
 # ------------------------------------------------------------------------ input
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"2/4"`` -> (2, 4): this process takes shard 2 of 4 (1-based)."""
+    if text is None:
+        return None
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected I/N, e.g. 1/4") from None
+    if count < 1 or not 1 <= index <= count:
+        raise ConfigError(f"--shard {text!r}: I must be between 1 and N (N >= 1), e.g. 1/4")
+    return index, count
+
+
+def in_shard(row: InputRow, shard: tuple[int, int] | None) -> bool:
+    """Deterministic by identity: the same row lands in the same shard on every machine."""
+    if shard is None:
+        return True
+    index, count = shard
+    digest = hashlib.sha256(row.identity.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % count == index - 1
+
+
+def content_id(messages: list[dict[str, Any]], responses: list[str] | None = None) -> str:
+    """A stable id for a row without one: a hash of its conversation (and responses).
+
+    A ``prompt`` string counts as the one-message conversation it stands for.
+    """
+    payload: dict[str, Any] = {"messages": messages}
+    if responses is not None:
+        payload["responses"] = responses
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
 
 
 def resolve_input(source: str | Path) -> Path:
@@ -73,23 +175,43 @@ def resolve_input(source: str | Path) -> Path:
         parts = text[len(HF_PREFIX) :].split("/")
         if len(parts) < 3:
             raise ConfigError(f"{text}: expected hf://datasets/OWNER/NAME/PATH.jsonl")
-        repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
-        try:
-            from huggingface_hub import hf_hub_download
-
-            return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset"))
-        except Exception as exc:
-            raise ConfigError(
-                f"cannot fetch {filename} from dataset {repo_id}: {type(exc).__name__}: "
-                f"{redact(str(exc)).splitlines()[0] if str(exc) else ''}"
-            ) from None
+        return _from_hub("/".join(parts[:2]), "/".join(parts[2:]))
     path = Path(text).expanduser()
     if not path.is_file():
         raise ConfigError(f"input file {path} does not exist")
     return path
 
 
-def _message_dicts(messages: Any, line: int) -> list[dict[str, Any]]:
+def _from_hub(repo_id: str, filename: str) -> Path:
+    """Download (or reuse the cached copy of) a dataset file; one quick try when offline."""
+    import httpx
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    try:  # huggingface_hub retries an unreachable host for ~25 s; one probe says it at once
+        httpx.head(constants.ENDPOINT, timeout=5.0)
+    except httpx.HTTPError as exc:
+        cached = try_to_load_from_cache(repo_id, filename, repo_type="dataset")
+        if isinstance(cached, str):
+            return Path(cached)
+        raise ConfigError(
+            f"cannot reach {constants.ENDPOINT} to fetch {filename} from dataset {repo_id} "
+            f"({type(exc).__name__}) and it is not cached; check the network or use a local file"
+        ) from None
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry warnings would reach the user twice
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset"))
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot fetch {filename} from dataset {repo_id}: {type(exc).__name__}: "
+            f"{one_line(str(exc), limit=300)}"
+        ) from None
+    finally:
+        hub_logger.setLevel(level)
+
+
+def _message_dicts(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list")
     result = []
@@ -101,46 +223,77 @@ def _message_dicts(messages: Any, line: int) -> list[dict[str, Any]]:
     return result
 
 
-def read_rows(path: Path) -> tuple[list[InputRow], list[dict[str, Any]]]:
-    """Parse the input JSONL: (usable rows, problems with their line numbers)."""
+def _parse(data: Any, with_responses: bool) -> tuple[str | None, list[dict], list[str] | None]:
+    if not isinstance(data, dict):
+        raise ValueError("each line must be a JSON object")
+    if "messages" in data:
+        messages, prompt = _message_dicts(data["messages"]), None
+    elif isinstance(data.get("prompt"), str) and data["prompt"].strip():
+        prompt = data["prompt"]
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        raise ValueError("needs a non-empty 'prompt' string or a 'messages' list")
+    responses = data.get("responses") if with_responses else None
+    if responses is not None and (
+        not isinstance(responses, list) or not all(isinstance(r, str) for r in responses)
+    ):
+        raise ValueError("'responses' must be a list of strings")
+    return prompt, messages, responses
+
+
+def read_rows(
+    path: Path, *, with_responses: bool = False, keep_duplicates: bool = False
+) -> tuple[list[InputRow], list[dict[str, Any]]]:
+    """Parse the input JSONL: (usable rows, problems with their line numbers).
+
+    A problem is ``{"line", "id", "kind", "reason"}`` with kind ``malformed`` (not a usable
+    row) or ``duplicate`` (same content as an earlier row; with `keep_duplicates` each copy
+    is a row of its own instead, id ``sha256:...#2`` for the second copy and so on).
+    `with_responses` reads ``responses`` and makes them part of a row's identity (`label`).
+    """
     rows: list[InputRow] = []
     problems: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
+    copies: dict[str, int] = {}
     with open(path, encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
                 data = json.loads(line)
-                if not isinstance(data, dict):
-                    raise ValueError("each line must be a JSON object")
-                if "messages" in data:
-                    messages = _message_dicts(data["messages"], line_no)
-                    prompt = None
-                elif isinstance(data.get("prompt"), str) and data["prompt"].strip():
-                    prompt = data["prompt"]
-                    messages = [{"role": "user", "content": prompt}]
-                else:
-                    raise ValueError("needs a non-empty 'prompt' string or a 'messages' list")
-                responses = data.get("responses")
-                if responses is not None and (
-                    not isinstance(responses, list)
-                    or not all(isinstance(r, str) for r in responses)
-                ):
-                    raise ValueError("'responses' must be a list of strings")
-                row_id = str(data["id"]) if data.get("id") is not None else f"line-{line_no}"
+                prompt, messages, responses = _parse(data, with_responses)
+            except json.JSONDecodeError as exc:
+                reason = f"invalid JSON at column {exc.colno}: {exc.msg.removesuffix(' at')}"
+                problems.append(_problem(line_no, None, "malformed", reason))
+                continue
+            except ValueError as exc:
+                problems.append(_problem(line_no, None, "malformed", str(exc)))
+                continue
+            if data.get("id") is not None:
+                row_id = str(data["id"])
                 if row_id in seen:
-                    raise ValueError(f"duplicate id {row_id!r} (first on line {seen[row_id]})")
-                seen[row_id] = line_no
-                rows.append(InputRow(row_id, line_no, prompt, messages, responses))
-            except (json.JSONDecodeError, ValueError) as exc:
-                reason = (
-                    f"invalid JSON: {exc.msg}"
-                    if isinstance(exc, json.JSONDecodeError)
-                    else str(exc)
-                )
-                problems.append({"line": line_no, "reason": reason})
+                    reason = f"duplicate id {row_id!r} (first on line {seen[row_id]})"
+                    problems.append(_problem(line_no, row_id, "malformed", reason))
+                    continue
+            else:
+                row_id = content_id(messages, responses)
+                if row_id in seen:
+                    copies[row_id] = copies.get(row_id, 1) + 1
+                    if not keep_duplicates:
+                        reason = (
+                            f"same content as line {seen[row_id]}; answered once "
+                            "(pass --keep-duplicates to answer every copy)"
+                        )
+                        problems.append(_problem(line_no, row_id, "duplicate", reason))
+                        continue
+                    row_id = f"{row_id}#{copies[row_id]}"
+            seen[row_id] = line_no
+            rows.append(InputRow(row_id, line_no, prompt, messages, responses))
     return rows, problems
+
+
+def _problem(line: int, row_id: str | None, kind: str, reason: str) -> dict[str, Any]:
+    return {"id": row_id, "line": line, "kind": kind, "reason": one_line(reason, 2000, whole=True)}
 
 
 # ----------------------------------------------------------------------- output
@@ -150,13 +303,13 @@ def completed_ids(path: Path) -> set[str]:
     """Ids already in OUT; a torn last line (killed mid-write) is cut off first."""
     if not path.exists():
         return set()
+    ids: set[str] = set()
     with open(path, "rb+") as handle:
-        data = handle.read()
-        keep = len(data)
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-        ids: set[str] = set()
-        for raw in data[:keep].splitlines():
+        keep = 0
+        for raw in handle:  # streamed: OUT may be far larger than memory
+            if not raw.endswith(b"\n"):
+                break  # the torn tail
+            keep += len(raw)
             if not raw.strip():
                 continue
             try:
@@ -165,7 +318,8 @@ def completed_ids(path: Path) -> set[str]:
                 raise ConfigError(
                     f"{path} has a line that is not a pipeline output row; use a new OUT file"
                 ) from None
-        if keep != len(data):
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() != keep:
             handle.truncate(keep)
     return ids
 
@@ -193,101 +347,332 @@ def errors_path_for(output: Path) -> Path:
     return output.with_name(output.name + ".errors.jsonl")
 
 
+def lock_path_for(output: Path) -> Path:
+    return output.with_name(output.name + ".lock")
+
+
+def lock_output(output: Path) -> Any:
+    """Hold OUT's lock file for the run (an OS lock: a killed run releases it)."""
+    from filelock import FileLock, Timeout
+
+    path = lock_path_for(output)
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:  # before OSError: filelock's Timeout is a TimeoutError
+        raise OutputBusy(
+            f"another run is writing {output} (it holds {path}); wait for it to finish or "
+            "choose another OUT"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write {path}: {exc.strerror or type(exc).__name__}; choose a writable OUT"
+        ) from None
+    return lock
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _open_outputs(output: Path, errors_path: Path) -> tuple[JsonlAppender, JsonlAppender]:
+    opened: list[JsonlAppender] = []
+    try:
+        for path, mode in ((output, "a"), (errors_path, "w")):
+            opened.append(JsonlAppender(path, mode))
+    except OSError as exc:
+        for appender in opened:
+            appender.close()
+        raise ConfigError(
+            f"cannot write {exc.filename or output}: {exc.strerror or type(exc).__name__}; "
+            "choose a writable OUT"
+        ) from None
+    return opened[0], opened[1]
+
+
+def check_push_token(repo: str | None) -> None:
+    """Fail before any model call when ``--push-to-hub`` could not upload at the end."""
+    if not repo:
+        return
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+        if "/" not in repo:
+            raise HFValidationError("expected OWNER/NAME")
+    except HFValidationError as exc:
+        raise ConfigError(
+            f"--push-to-hub {repo!r} is not a dataset repo id: {one_line(str(exc))}"
+        ) from None
+    if not (os.environ.get("HF_TOKEN") or get_token()):
+        raise ConfigError(
+            "--push-to-hub needs a Hugging Face token: set HF_TOKEN (or run `hf auth login`)"
+        )
+
+
+# ----------------------------------------------------------------- the run loop
+
+
+class _Watch(BaseTracer):
+    """Sees every model call of the rows (child runs reach tracers): counts them for the
+    progress bar and notes the ones that say a model cannot be used at all."""
+
+    def __init__(self, on_call: Callable[[], None]) -> None:
+        super().__init__()
+        self.calls = 0
+        self.blocked: list[str] = []
+        self.connection: list[str] = []
+        self._on_call = on_call
+
+    def _persist_run(self, run: Any) -> None:
+        pass
+
+    def _on_llm_end(self, run: Any) -> None:
+        if any(t.startswith("moa:") for t in run.tags or []):
+            self.calls += 1
+            self._on_call()
+
+    def _on_llm_error(self, run: Any) -> None:
+        if not any(t.startswith("moa:") for t in run.tags or []):
+            return
+        self.calls += 1
+        self._on_call()
+        text = str(run.error or "").split("Traceback (most recent call last)")[0].strip()
+        error_type = text.split("(", 1)[0].split(":", 1)[0].strip()
+        metadata = run.extra.get("metadata", {})
+        who = metadata.get("moa_role", "a model")
+        model = metadata.get("ls_model_name") or run.name
+        reason = one_line(f"{who} ({model}): {text}", limit=500)
+        if error_type in _UNREACHABLE:
+            self.blocked.append(reason)
+        elif error_type in _CONNECTION:
+            self.connection.append(reason)
+
+
+Worker = Callable[[InputRow, RunnableConfig], Awaitable[dict[str, Any]]]
+
+
 async def run_rows(
     rows: Sequence[InputRow],
     problems: Sequence[dict[str, Any]],
-    worker: Callable[[InputRow], Awaitable[dict[str, Any]]],
+    worker: Worker,
     output: Path,
     *,
+    input_path: Path | None = None,
     concurrency: int = 4,
     description: str = "rows",
     progress: bool | None = None,
+    shard: tuple[int, int] | None = None,
+    calls_per_row: int | None = None,
+    push_to_hub: str | None = None,
 ) -> RunSummary:
-    """Run `worker` over the rows not yet in OUT, `concurrency` at a time."""
-    from tqdm.auto import tqdm
-
+    """Run `worker` over the rows not yet in OUT, `concurrency` at a time, exactly once."""
     if concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
-    done = completed_ids(output)
-    todo = [row for row in rows if row.id not in done]
-    summary = RunSummary(total=len(rows), skipped=len(rows) - len(todo))
-    summary.errors_path = errors_path_for(output)
-    out = JsonlAppender(output)
-    errors = JsonlAppender(summary.errors_path, mode="w")
+    if input_path is not None and _same_file(output, input_path):
+        raise ConfigError(f"OUT {output} is the input file; choose another OUT")
+    check_push_token(push_to_hub)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the folder of {output}: {exc.strerror or type(exc).__name__}"
+        ) from None
+    lock = lock_output(output)
+    try:
+        summary = RunSummary(read=len(rows) + len(problems))
+        summary.errors_path = errors_path_for(output)
+        out, errors = _open_outputs(output, summary.errors_path)
+        try:
+            done = completed_ids(output)
+            await _run(
+                rows, problems, worker, done, out, errors, summary,
+                concurrency=concurrency, description=description, progress=progress,
+                shard=shard, calls_per_row=calls_per_row,
+            )  # fmt: skip
+        finally:
+            out.close()
+            errors.close()
+    finally:
+        lock.release()
+    if push_to_hub:
+        summary.uploaded_to = upload_to_hub(output, push_to_hub)
+    return summary
+
+
+async def _run(
+    rows: Sequence[InputRow],
+    problems: Sequence[dict[str, Any]],
+    worker: Worker,
+    done: set[str],
+    out: JsonlAppender,
+    errors: JsonlAppender,
+    summary: RunSummary,
+    *,
+    concurrency: int,
+    description: str,
+    progress: bool | None,
+    shard: tuple[int, int] | None,
+    calls_per_row: int | None,
+) -> None:
+    from tqdm.auto import tqdm
+
     for problem in problems:
-        errors.write({"id": None, **problem})
+        errors.write(problem)
         summary.failures.append(problem)
-        summary.failed += 1
-    gate = asyncio.Semaphore(concurrency)
+        if problem["kind"] == "duplicate":
+            summary.duplicates += 1
+        else:
+            summary.malformed += 1
+    mine = [row for row in rows if in_shard(row, shard)]
+    summary.other_shards = len(rows) - len(mine)
+    todo = [row for row in mine if row.id not in done]
+    summary.skipped = len(mine) - len(todo)
+
     bar = tqdm(
         total=len(todo),
         desc=description,
         unit="row",
         disable=(not sys.stderr.isatty()) if progress is None else not progress,
     )
+    planned = f"/{calls_per_row * len(todo)}" if calls_per_row else ""
+    watch = _Watch(lambda: bar.set_postfix_str(f"model calls {watch.calls}{planned}"))
+    config: RunnableConfig = {"callbacks": [watch]}
+    started = time.monotonic()
 
-    async def one(row: InputRow) -> None:
-        async with gate:
-            try:
-                result = await worker(row)
-            except Exception as exc:
-                reason = error_reason(exc)
-                failure = {"id": row.id, "line": row.line, "reason": reason}
+    async def attempt(row: InputRow) -> dict[str, Any] | None:
+        """The row's output, or None after recording why it failed."""
+        try:
+            return await worker(row, config)
+        except Exception as exc:
+            failure = {"id": row.id, "line": row.line, "kind": "failed",
+                       "reason": error_reason(exc)}  # fmt: skip
+            errors.write(failure)
+            summary.failures.append(failure)
+            summary.failed += 1
+            return None
+        finally:
+            bar.update(1)
+
+    def keep(row: InputRow, result: dict[str, Any]) -> None:
+        out.write({"id": row.id, **result})
+        summary.written += 1
+        summary.finished_at.append(round(time.monotonic() - started, 3))
+
+    try:
+        if not todo:
+            return
+        first, rest = todo[0], iter(todo[1:])
+        result = await attempt(first)
+        cannot_use = watch.blocked or (watch.connection if result is None else [])
+        if cannot_use:
+            if result is not None:  # an answer made without a model the config names
+                failure = {"id": first.id, "line": first.line, "kind": "failed",
+                           "reason": cannot_use[0]}  # fmt: skip
                 errors.write(failure)
                 summary.failures.append(failure)
                 summary.failed += 1
-            else:
-                out.write({"id": row.id, **result})
-                summary.written += 1
-            finally:
-                bar.update(1)
+            summary.not_attempted = len(todo) - 1
+            raise RunStopped(
+                f"stopped after the first row, before sending the other {len(todo) - 1}: "
+                f"{cannot_use[0]}",
+                summary,
+            )
+        if result is not None:
+            keep(first, result)
 
-    try:
-        await asyncio.gather(*(one(row) for row in todo))
+        async def lane() -> None:
+            for row in rest:  # one shared iterator: each row is taken by exactly one lane
+                found = await attempt(row)
+                if found is not None:
+                    keep(row, found)
+
+        await asyncio.gather(*(lane() for _ in range(min(concurrency, len(todo) - 1))))
     finally:
+        summary.model_calls = watch.calls
         bar.close()
-        out.close()
-        errors.close()
-    return summary
 
 
 def error_reason(exc: BaseException) -> str:
     """One complete, redacted line for the errors file (call errors already name the model)."""
-    text = one_line(str(exc), limit=2000)
+    text = one_line(str(exc), limit=2000, whole=True)
     if isinstance(exc, (calls.CallError, ConfigError)) or not text:
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}"
 
 
+# ------------------------------------------------------------------ row records
+
+
+def _usage(usage: Any) -> dict[str, int] | None:
+    """Token counts in one shape for every row (provider extras vary from call to call)."""
+    if not usage:
+        return None
+    return {k: int(usage.get(k) or 0) for k in ("input_tokens", "output_tokens", "total_tokens")}
+
+
+def _layers_record(message: Any) -> list[dict[str, Any]]:
+    layers = message.response_metadata.get("moa", {}).get("layers", [])
+    return [
+        {
+            "layer": layer["layer"],
+            "proposals": [
+                {**p, "usage": _usage(p.get("usage")), "latency_s": float(p["latency_s"])}
+                for p in layer["proposals"]
+            ],
+        }
+        for layer in layers
+    ]
+
+
+def _judge_record(details: dict[str, Any]) -> dict[str, Any]:
+    """The judge's account, with its token counts in the one shape rows use."""
+    return {**details, "usage": _usage(details.get("usage"))}
+
+
 # -------------------------------------------------------------------- pipelines
 
 
-def _proposals(message: Any) -> list[dict[str, Any]]:
-    return message.response_metadata.get("moa", {}).get("layers", [])
-
-
 async def agenerate(
-    input: str | Path, output: str | Path, moa: Any, *, concurrency: int = 4,
+    input: str | Path,
+    output: str | Path,
+    moa: Any,
+    *,
+    concurrency: int = 4,
     progress: bool | None = None,
-) -> RunSummary:  # fmt: skip
+    shard: str | tuple[int, int] | None = None,
+    keep_duplicates: bool = False,
+    push_to_hub: str | None = None,
+) -> RunSummary:
     """For every input prompt, the MoA answer as a TRL SFT row."""
-    rows, problems = read_rows(resolve_input(input))
+    source = resolve_input(input)
+    rows, problems = read_rows(source, keep_duplicates=keep_duplicates)
 
-    async def worker(row: InputRow) -> dict[str, Any]:
-        message = await moa.ainvoke(convert_to_messages(row.messages))
+    async def worker(row: InputRow, config: RunnableConfig) -> dict[str, Any]:
+        message = await moa.ainvoke(convert_to_messages(row.messages), config=config)
         if not isinstance(message.content, str) or not message.content.strip():
             raise ValueError("the MoA returned an empty answer")
         return {
             "messages": [*row.messages, {"role": "assistant", "content": message.content}],
-            "proposals": _proposals(message),
-            "usage": message.usage_metadata,
+            "proposals": _layers_record(message),
+            "usage": _usage(message.usage_metadata),
             "model": message.response_metadata.get("model_name"),
         }
 
+    engine = getattr(moa, "engine", None)
     return await run_rows(
-        rows, problems, worker, Path(output), concurrency=concurrency,
-        description="generate", progress=progress,
+        rows, problems, worker, Path(output), input_path=source, concurrency=concurrency,
+        description="generate", progress=progress, shard=_shard(shard),
+        calls_per_row=getattr(engine, "calls_per_answer", None), push_to_hub=push_to_hub,
     )  # fmt: skip
+
+
+def _shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    return parse_shard(shard) if isinstance(shard, str) else shard
 
 
 def _sample_calls(policy: Any, messages: list[dict[str, Any]], samples: int) -> list[ModelCall]:
@@ -344,11 +729,15 @@ async def alabel(
     samples: int = 5,
     concurrency: int = 4,
     progress: bool | None = None,
+    shard: str | tuple[int, int] | None = None,
+    keep_duplicates: bool = False,
+    push_to_hub: str | None = None,
 ) -> RunSummary:
-    """For every prompt, candidates ranked by `judge`, as a TRL DPO row."""
+    """For every prompt, candidates ranked by `judge`, as a conversational TRL DPO row."""
     if samples < 2:
         raise ConfigError("--samples must be at least 2 (a preference pair needs two answers)")
-    rows, problems = read_rows(resolve_input(input))
+    source = resolve_input(input)
+    rows, problems = read_rows(source, with_responses=True, keep_duplicates=keep_duplicates)
     if policy is None:
         missing = [r for r in rows if not r.responses]
         if missing:
@@ -357,34 +746,38 @@ async def alabel(
                 f"to sample candidates"
             )
 
-    async def worker(row: InputRow) -> dict[str, Any]:
-        candidates = row.responses or await sample_candidates(policy, row.messages, samples)
+    async def worker(row: InputRow, config: RunnableConfig) -> dict[str, Any]:
+        candidates = row.responses or await sample_candidates(policy, row.messages, samples, config)
         if len(candidates) < 2:
             raise ValueError(f"only {len(candidates)} non-empty candidate(s); need 2")
-        result = await judge.arank(row.prompt or row.messages, candidates)
+        result = await judge.arank(row.prompt or row.messages, candidates, config)
+        rated = [s for s in result.scores if s is not None]
+        if len(rated) < 2:
+            raise ValueError(
+                f"only {len(rated)} of {len(candidates)} candidates were rated "
+                "(the others got no usable verdict); no pair to record"
+            )
         if result.details["ties"]["all_equal"]:
-            raise ValueError("every candidate scored the same; no preference to record")
-        chosen, rejected = candidates[result.chosen], candidates[result.rejected]
-        if row.prompt is not None:
-            prompt: Any = row.prompt
-            chosen_out: Any = chosen
-            rejected_out: Any = rejected
-        else:
-            prompt = row.messages
-            chosen_out = [{"role": "assistant", "content": chosen}]
-            rejected_out = [{"role": "assistant", "content": rejected}]
+            raise ValueError("every rated candidate scored the same; no preference to record")
         return {
-            "prompt": prompt,
-            "chosen": chosen_out,
-            "rejected": rejected_out,
+            # conversational form for every row, so each column keeps one type
+            "prompt": row.messages,
+            "chosen": [{"role": "assistant", "content": candidates[result.chosen]}],
+            "rejected": [{"role": "assistant", "content": candidates[result.rejected]}],
             "scores": result.scores,
-            "candidates": candidates,
-            "judge": result.details,
+            "candidates": list(candidates),
+            "judge": _judge_record(result.details),
         }
 
+    per_row = None
+    if hasattr(judge, "calls_for"):
+        given = max((len(r.responses or []) for r in rows), default=2)
+        n = samples if policy is not None else given
+        per_row = judge.calls_for(n) + (samples if policy is not None else 0)
     return await run_rows(
-        rows, problems, worker, Path(output), concurrency=concurrency,
-        description="label", progress=progress,
+        rows, problems, worker, Path(output), input_path=source, concurrency=concurrency,
+        description="label", progress=progress, shard=_shard(shard), calls_per_row=per_row,
+        push_to_hub=push_to_hub,
     )  # fmt: skip
 
 
@@ -398,11 +791,11 @@ def label(input: str | Path, output: str | Path, judge: Any, **kwargs: Any) -> R
     return asyncio.run(alabel(input, output, judge, **kwargs))
 
 
-def push_to_hub(path: str | Path, repo: str, *, token: str | None = None) -> str:
-    """Upload OUT as a dataset file (token from ``HF_TOKEN``; never printed)."""
-    from huggingface_hub import HfApi
+def upload_to_hub(path: str | Path, repo: str, *, token: str | None = None) -> str:
+    """Upload OUT as a dataset file (token from ``HF_TOKEN`` or the Hub login; never printed)."""
+    from huggingface_hub import HfApi, get_token
 
-    token = token or os.environ.get("HF_TOKEN")
+    token = token or os.environ.get("HF_TOKEN") or get_token()
     if not token:
         raise ConfigError("--push-to-hub needs a Hugging Face token: set HF_TOKEN")
     path = Path(path)

@@ -43,6 +43,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
@@ -213,6 +214,28 @@ class ModelEntry(BaseModel):
         )  # fmt: skip
 
 
+class LabelSettings(BaseModel):
+    """How `moa label` judges with this recipe by default (its flags override each one).
+
+    Calls per prompt: ``samples`` (with --policy) + judge calls, where the judge calls are
+    samples x (samples - 1) / 2 pairs (x 2 with ``swap``) per judge in pairwise mode, or
+    ``samples`` per judge in pointwise mode, plus the same again for the aggregator when
+    ``aggregate`` is on.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, hide_input_in_errors=True, use_attribute_docstrings=True
+    )
+
+    mode: Literal["pairwise", "pointwise"] = "pairwise"
+    samples: StrictInt = Field(default=5, ge=2)
+    """Candidates sampled per prompt with --policy."""
+    swap: StrictBool = True
+    """Pairwise: judge each pair in both orders (cancels position bias)."""
+    aggregate: StrictBool = True
+    """Let the aggregator re-judge with the judges' verdicts in view."""
+
+
 class Recipe(BaseModel):
     """A named MoA configuration: which models, how many layers, the quorum and timeout.
 
@@ -239,6 +262,8 @@ class Recipe(BaseModel):
     """With layer_quorum: the others get this many times the elapsed layer time more."""
     early_stop: Literal["agreement"] | None = None
     reference_placement: Literal["first_system", "after_conversation"] = "first_system"
+    label: LabelSettings = LabelSettings()
+    """Defaults of `moa label` ([label] table in a config file)."""
     proposers: list[ModelEntry]
     aggregator: ModelEntry
     source: StrictStr | None = None
@@ -402,6 +427,9 @@ RECIPES: dict[str, Recipe] = {
         aggregator=_local(0.3, 7, 200),
         layers=2,
         proposer_timeout=120,
+        # 4 samples rated alone by 3 judges: 16 calls per prompt instead of the 85 that
+        # 5 samples judged pairwise in both orders (+ aggregator) take; see docs/pipelines.md
+        label=LabelSettings(mode="pointwise", samples=4, aggregate=False),
     ),
     "together-moa": _together_recipe(
         "together-moa",
@@ -429,6 +457,7 @@ def list_recipes() -> list[str]:
 # What a config file may set: `source` is filled in by the loader, never by the file.
 _ENTRY_KEYS = tuple(ModelEntry.model_fields)
 _CONFIG_KEYS = tuple(name for name in Recipe.model_fields if name != "source")
+_LABEL_KEYS = tuple(LabelSettings.model_fields)
 _TYPE_NAMES = {
     "int_type": "integer",
     "float_type": "integer or number",  # StrictFloat takes ints too
@@ -483,7 +512,8 @@ def _describe(exc: ValidationError, source: str, keys: Sequence[Any] = ()) -> st
     ctx = error.get("ctx") or {}
     if kind in ("extra_forbidden", "invalid_key"):  # invalid_key: a YAML key like `1:`
         *where, key = loc
-        reason = _unknown(str(key), _ENTRY_KEYS if where else _CONFIG_KEYS)
+        known = _CONFIG_KEYS if not where else _LABEL_KEYS if where[0] == "label" else _ENTRY_KEYS
+        reason = _unknown(str(key), known)
         loc = (*where, str(key))
     elif kind == "value_error":
         cause = ctx.get("error")

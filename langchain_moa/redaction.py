@@ -147,8 +147,15 @@ def looks_like_secret(text: str) -> bool:
     return any(pattern.search(text) for pattern in _PATTERNS)
 
 
-def one_line(text: str, limit: int = 500) -> str:
-    """The first non-empty line of `text`, redacted and shortened to `limit` characters."""
+def one_line(text: str, limit: int = 500, *, whole: bool = False) -> str:
+    """The first non-empty line of `text`, redacted and shortened to `limit` characters.
+
+    With ``whole=True`` every line is kept, joined by single spaces (error records that
+    must be complete yet fit on one line).
+    """
+    if whole:
+        joined = " ".join(redact(str(text)).split())
+        return joined if len(joined) <= limit else joined[: limit - 1] + "…"
     for line in redact(str(text)).splitlines():
         if line.strip():
             line = line.strip()

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants as hub_constants
 
 from langchain_moa import ChatMoA, ConfigError, cli, cli_data
 from langchain_moa.judge import MoAJudge
 from langchain_moa.pipelines import (
     completed_ids,
+    content_id,
     errors_path_for,
     generate,
     label,
-    push_to_hub,
     read_rows,
+    upload_to_hub,
 )
-from langchain_moa.testing import ScriptedChatModel
+from langchain_moa.testing import ScriptedChatModel, free_port
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
@@ -64,8 +70,11 @@ def test_generate_writes_trl_sft_rows(tmp_path: Path) -> None:
         {"role": "user", "content": "What is MoA?"},
         {"role": "assistant", "content": "answer: What is MoA?"},
     ]
-    assert rows["line-2"]["messages"][0] == {"role": "system", "content": "Be brief."}
-    assert rows["line-2"]["messages"][-1] == {"role": "assistant", "content": "answer: Hi"}
+    second = content_id(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    )
+    assert rows[second]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert rows[second]["messages"][-1] == {"role": "assistant", "content": "answer: Hi"}
     assert rows["q1"]["proposals"][0]["proposals"][0]["answer"] == "draft"
     assert rows["q1"]["usage"]["total_tokens"] == 30
 
@@ -101,10 +110,14 @@ def test_malformed_lines_are_reported_with_their_line_number(tmp_path: Path) -> 
     )
     out = tmp_path / "out.jsonl"
     summary = generate(source, out, echo_moa())
-    assert summary.written == 1 and summary.failed == 4 and not summary.ok
+    assert summary.written == 1 and summary.malformed == 4 and not summary.ok
+    assert summary.failed == 0 and summary.read == 5
     errors = read_jsonl(errors_path_for(out))
     assert [e["line"] for e in errors] == [2, 3, 4, 5]
-    assert errors[0]["reason"].startswith("invalid JSON")
+    assert {e["kind"] for e in errors} == {"malformed"}
+    assert errors[0]["reason"] == (
+        "invalid JSON at column 2: Expecting property name enclosed in double quotes"
+    )
     assert "needs a non-empty 'prompt'" in errors[1]["reason"]
     assert "duplicate id 'ok' (first on line 1)" in errors[2]["reason"]
 
@@ -138,8 +151,10 @@ def test_label_ranks_given_responses_into_dpo_rows(tmp_path: Path) -> None:
     summary = label(source, out, judge)
     assert summary.written == 2
     rows = {r["id"]: r for r in read_jsonl(out)}
-    assert rows["s"]["prompt"] == "Explain tides."
-    assert (rows["s"]["chosen"], rows["s"]["rejected"]) == ("a longer answer", "short")
+    # conversational form for every row, whatever form the input used
+    assert rows["s"]["prompt"] == [{"role": "user", "content": "Explain tides."}]
+    assert rows["s"]["chosen"] == [{"role": "assistant", "content": "a longer answer"}]
+    assert rows["s"]["rejected"] == [{"role": "assistant", "content": "short"}]
     assert rows["m"]["prompt"] == [{"role": "user", "content": "Explain waves."}]
     assert rows["m"]["chosen"] == [{"role": "assistant", "content": "a much longer answer here"}]
     assert rows["m"]["rejected"] == [{"role": "assistant", "content": "tiny"}]
@@ -155,7 +170,7 @@ def test_label_samples_from_a_policy(tmp_path: Path) -> None:
     assert summary.written == 1
     (row,) = read_jsonl(tmp_path / "out.jsonl")
     assert len(row["candidates"]) == 4 and len(policy.calls) == 4
-    assert len(row["chosen"]) == max(len(c) for c in row["candidates"])
+    assert len(row["chosen"][0]["content"]) == max(len(c) for c in row["candidates"])
 
 
 def test_label_without_responses_or_policy_is_a_user_error(tmp_path: Path) -> None:
@@ -175,7 +190,38 @@ def test_label_all_tied_is_a_failed_row(tmp_path: Path) -> None:
     assert "no preference" in summary.failures[0]["reason"]
 
 
-def test_hf_dataset_input(tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture
+def hub_endpoint() -> Iterator[str]:
+    """A loopback stand-in for the Hub's address (the probe only needs an HTTP answer)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_hf_input_with_the_hub_unreachable_fails_at_once(tmp_path: Path, monkeypatch) -> None:
+
+    monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        generate("hf://datasets/org/prompts/train.jsonl", tmp_path / "o.jsonl", echo_moa())
+    assert time.monotonic() - started < 5  # not huggingface_hub's 25 s of retries
+    assert "cannot reach http://127.0.0.1:" in str(info.value)
+    assert "not cached; check the network or use a local file" in str(info.value)
+
+
+def test_hf_dataset_input(tmp_path: Path, monkeypatch, hub_endpoint: str) -> None:
     local_copy = write_jsonl(tmp_path / "cached.jsonl", [{"id": "h", "prompt": "from the hub"}])
     seen = {}
 
@@ -186,6 +232,7 @@ def test_hf_dataset_input(tmp_path: Path, monkeypatch) -> None:
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", hub_endpoint)
     summary = generate(
         "hf://datasets/org/prompts/data/train.jsonl", tmp_path / "o.jsonl", echo_moa()
     )
@@ -218,19 +265,21 @@ def test_push_to_hub_uses_hf_token_and_never_leaks_it(tmp_path: Path, monkeypatc
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setenv("HF_TOKEN", token)
     with pytest.raises(ConfigError) as info:
-        push_to_hub(out, "me/moa-sft")
+        upload_to_hub(out, "me/moa-sft")
     assert token not in str(info.value) and "upload to me/moa-sft failed" in str(info.value)
     assert calls[0] == ("init", token) and calls[1] == ("create", "me/moa-sft", "dataset")
     assert calls[2] == ("upload", "me/moa-sft", "out.jsonl")
     monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(ConfigError, match="set HF_TOKEN"):
-        push_to_hub(out, "me/moa-sft")
+        upload_to_hub(out, "me/moa-sft")
 
 
 def test_read_rows_accepts_prompt_or_messages(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, "", {"id": 7, "prompt": "b"}])
     rows, problems = read_rows(path)
-    assert [r.id for r in rows] == ["line-1", "7"] and problems == []
+    assert [r.id for r in rows] == [content_id([{"role": "user", "content": "a"}]), "7"]
+    assert problems == []
 
 
 def test_cli_generate_and_label(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -259,10 +308,10 @@ def test_cli_generate_and_label(tmp_path: Path, monkeypatch, capsys) -> None:
     assert read_jsonl(out)[0]["messages"][-1]["content"] == "answer: q"
     dpo = tmp_path / "dpo.jsonl"
     assert cli.main(["label", str(source), str(dpo), "--no-aggregate"]) == 0
-    assert read_jsonl(dpo)[0]["chosen"] == "xyz"
+    assert read_jsonl(dpo)[0]["chosen"] == [{"role": "assistant", "content": "xyz"}]
     bad = write_jsonl(
         tmp_path / "bad.jsonl", ["{oops", {"id": "b", "prompt": "q", "responses": ["x", "yy"]}]
     )
     assert cli.main(["label", str(bad), str(tmp_path / "d2.jsonl"), "--no-aggregate"]) == 1
-    assert "line 1: invalid JSON" in capsys.readouterr().err
+    assert "line 1: invalid JSON at column 2" in capsys.readouterr().err
     assert cli.main(["generate", str(tmp_path / "missing.jsonl"), str(out)]) == cli.EXIT_USER_ERROR
