@@ -175,7 +175,7 @@ class CallError(RuntimeError):
             reason = f"the model returned no answer (empty 'choices'): IndexError: {exc}"
             error_type = "IndexError"
         else:
-            text = one_line(str(exc))
+            text = one_line(str(exc), limit=700, whole=True)  # complete, on one line
             error_type = type(exc).__name__
             reason = f"{error_type}: {text}" if text else error_type
         return cls(

@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ from rich.console import Console
 
 from langchain_moa.calls import CallError
 from langchain_moa.errors import ConfigError, MoAError
-from langchain_moa.redaction import install_log_redaction, one_line
+from langchain_moa.redaction import install_log_redaction, one_line, run_error_line
 
 EXIT_OK = 0
 EXIT_RUNTIME_ERROR = 1
@@ -143,21 +142,12 @@ def _draft_printer(console: Console) -> Any:
             who, layer = label(run)
             with lock:
                 console.print(
-                    f"{who} [layer {layer}] failed: {_run_error(run.error)}",
+                    f"{who} [layer {layer}] failed: {run_error_line(run.error)}",
                     style="bold red",
                     markup=False,
                 )
 
     return DraftPrinter()
-
-
-def _run_error(error: Any) -> str:
-    """A tracer's error text (``repr(exc)`` + traceback) as one redacted line."""
-    text = str(error or "").split("Traceback (most recent call last)")[0].strip()
-    match = re.fullmatch(r"(\w+)\((['\"])(.*)\2\)", text, re.DOTALL)
-    if match:  # RuntimeError('boom') -> RuntimeError: boom
-        text = f"{match.group(1)}: {match.group(3)}"
-    return one_line(text) or "error"
 
 
 def _message_json(message: Any, turn: int, sent: list[Any]) -> str:

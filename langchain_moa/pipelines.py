@@ -43,17 +43,13 @@ from langchain_core.tracers.base import BaseTracer
 from langchain_moa import calls
 from langchain_moa.calls import CallResult, ModelCall
 from langchain_moa.errors import ConfigError
-from langchain_moa.redaction import one_line, redact
+from langchain_moa.redaction import one_line, redact, run_error_line
 
 HF_PREFIX = "hf://datasets/"
 
 # Errors that mean "this model cannot be used as configured", not "this row went wrong".
-_UNREACHABLE = {
-    "AuthenticationError",
-    "PermissionDeniedError",
-    "NotFoundError",
-}
-_CONNECTION = {"APIConnectionError", "ConnectError", "ConnectionError", "ConnectionRefusedError"}
+_UNREACHABLE = ("AuthenticationError", "PermissionDeniedError", "NotFoundError")
+_CONNECTION = ("ConnectionError", "ConnectError", "ConnectionRefusedError")
 
 
 @dataclass
@@ -441,15 +437,16 @@ class _Watch(BaseTracer):
             return
         self.calls += 1
         self._on_call()
-        text = str(run.error or "").split("Traceback (most recent call last)")[0].strip()
-        error_type = text.split("(", 1)[0].split(":", 1)[0].strip()
+        text = run_error_line(run.error)
+        error_type = text.split(":", 1)[0].strip()
         metadata = run.extra.get("metadata", {})
         who = metadata.get("moa_role", "a model")
         model = metadata.get("ls_model_name") or run.name
-        reason = one_line(f"{who} ({model}): {text}", limit=500)
-        if error_type in _UNREACHABLE:
+        reason = one_line(f"{who} ({model}): {text}", limit=700)
+        # by suffix: wrappers rename provider errors (OpenAIAuthenticationError)
+        if error_type.endswith(_UNREACHABLE):
             self.blocked.append(reason)
-        elif error_type in _CONNECTION:
+        elif error_type.endswith(_CONNECTION):
             self.connection.append(reason)
 
 

@@ -163,6 +163,15 @@ def one_line(text: str, limit: int = 500, *, whole: bool = False) -> str:
     return ""
 
 
+def run_error_line(error: Any) -> str:
+    """A tracer run's error text (``repr(exc)`` + traceback) as ``Type: text`` on one line."""
+    text = str(error or "").split("Traceback (most recent call last)")[0].strip()
+    match = re.fullmatch(r"(\w+)\((['\"])(.*)\2\)", text, re.DOTALL)
+    if match:  # RuntimeError('boom') -> RuntimeError: boom
+        text = f"{match.group(1)}: {match.group(3)}"
+    return one_line(text, whole=True) or "error"
+
+
 class RedactingFilter(logging.Filter):
     """A logging filter that redacts the formatted message and any exception text."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from langchain_moa.testing import ModelScript, ScriptedOpenAIServer
+from langchain_moa.testing import ModelScript, ScriptedOpenAIServer, free_port
 
 pytestmark = pytest.mark.http
 
@@ -51,14 +51,29 @@ def config(tmp_path: Path, server: ScriptedOpenAIServer, proposers: list[str], a
     return path
 
 
-def moa_cli(*args: str) -> subprocess.Popen:
+def moa_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "langchain_moa.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "SCRIPTED_KEY": "sk-scripted-test"},
+        env={**os.environ, "SCRIPTED_KEY": "sk-scripted-test", **(env or {})},
     )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def write_prompts(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    return path
+
+
+def answered(server: ScriptedOpenAIServer, model: str = "agg") -> list[str]:
+    """The questions the aggregator was asked (its last message is the user's)."""
+    return [r.body["messages"][-1]["content"] for r in server.requests_for(model)]
 
 
 def rows(path: Path) -> list[dict]:
@@ -90,8 +105,9 @@ def test_generate_killed_midway_resumes_with_every_row_once(
     assert "already done" in err
     result = rows(out)
     ids = [r["id"] for r in result]
-    assert sorted(ids) == sorted(f"line-{i}" for i in range(1, 25))
     assert len(ids) == len(set(ids)) == 24
+    asked = sorted(r["messages"][0]["content"] for r in result)
+    assert asked == sorted(f"question {i}" for i in range(24))
     for r in result:
         assert r["messages"][-1]["role"] == "assistant"
         assert r["messages"][-1]["content"].startswith("final: ")
@@ -110,9 +126,119 @@ def test_label_over_http_with_an_moa_judge(tmp_path: Path, server: ScriptedOpenA
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     (row,) = rows(out)
-    assert row["chosen"] == "Rayleigh scattering of sunlight."
-    assert row["rejected"] == "Magic"
+    assert row["chosen"] == [{"role": "assistant", "content": "Rayleigh scattering of sunlight."}]
+    assert row["rejected"] == [{"role": "assistant", "content": "Magic"}]
     # 3 pairs x 2 orders x 2 judges, then 6 aggregator calls with the verdicts injected
     assert len(row["judge"]["verdicts"]) == 12
     assert len(row["judge"]["aggregator_verdicts"]) == 6
     assert server.requests_for("j2")  # both judges were asked
+
+
+# ------------------------------------------------------- exactly once in messy use
+
+
+def test_editing_the_input_between_runs_answers_each_prompt_once(
+    tmp_path: Path, server: ScriptedOpenAIServer
+) -> None:
+    cfg = config(tmp_path, server, ["p1", "p2"], "agg")
+    source = write_prompts(tmp_path / "in.jsonl", [f"question {i}" for i in range(6)])
+    out = tmp_path / "out.jsonl"
+    code, err = finish(moa_cli("generate", str(source), str(out), "--config", str(cfg)))
+    assert code == 0, err
+    # the user inserts a prompt at the top, deletes one, appends one
+    edited = ["brand new", *[f"question {i}" for i in range(6) if i != 2], "appended"]
+    write_prompts(source, edited)
+    code, err = finish(moa_cli("generate", str(source), str(out), "--config", str(cfg)))
+    assert code == 0, err
+    assert "read 7 rows: 5 already done, 2 written, 0 failed" in err
+    assert sorted(answered(server)) == sorted([f"question {i}" for i in range(6)]
+                                              + ["brand new", "appended"])  # fmt: skip
+    in_out = sorted(r["messages"][0]["content"] for r in rows(out))
+    assert in_out == sorted({*edited, "question 2"})
+
+
+def test_a_second_run_on_the_same_out_exits_2_at_once(tmp_path: Path) -> None:
+    scripts = {"slow": ModelScript(reply="draft", latency=1.0), "agg": ModelScript(reply="ok")}
+    with ScriptedOpenAIServer(scripts=scripts) as server:
+        second_run_refused(tmp_path, server)
+
+
+def second_run_refused(tmp_path: Path, server: ScriptedOpenAIServer) -> None:
+    cfg = config(tmp_path, server, ["slow"], "agg")
+    source = write_prompts(tmp_path / "in.jsonl", [f"q{i}" for i in range(12)])
+    out = tmp_path / "out.jsonl"
+    first = moa_cli("generate", str(source), str(out), "--config", str(cfg), "--concurrency", "2")
+    deadline = time.monotonic() + 60
+    while not server.requests_for("slow") and time.monotonic() < deadline:
+        time.sleep(0.02)  # the first run holds the lock and is calling models
+    started = time.monotonic()
+    code, err = finish(moa_cli("generate", str(source), str(out), "--config", str(cfg)))
+    assert code == 2 and time.monotonic() - started < 15
+    lines = err.strip().splitlines()
+    assert lines == [
+        f"moa: error: another run is writing {out} (it holds {out}.lock); wait for it to "
+        "finish or choose another OUT"
+    ]
+    code, err = finish(first)
+    assert code == 0, err
+    result = rows(out)
+    assert len(result) == 12 == len({r["id"] for r in result})  # not 24
+    assert len(answered(server)) == 12
+
+
+def test_push_without_a_token_fails_before_the_first_model_call(
+    tmp_path: Path, server: ScriptedOpenAIServer
+) -> None:
+    cfg = config(tmp_path, server, ["p1", "p2"], "agg")
+    source = write_prompts(tmp_path / "in.jsonl", ["q"])
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_TOKEN="")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "langchain_moa.cli", "generate", str(source),
+         str(tmp_path / "out.jsonl"), "--config", str(cfg), "--push-to-hub", "me/sft"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env, "SCRIPTED_KEY": "sk-scripted-test"},
+    )  # fmt: skip
+    code, err = finish(proc)
+    assert code == 2
+    assert err.strip() == (
+        "moa: error: --push-to-hub needs a Hugging Face token: set HF_TOKEN (or run "
+        "`hf auth login`)"
+    )
+    assert server.requests == []
+
+
+def test_a_rejected_key_stops_the_run_after_the_first_row(tmp_path: Path) -> None:
+    scripts = {
+        "p1": ModelScript(reply="draft one"),
+        "locked": ModelScript(reject_key=True),
+        "agg": ModelScript(reply="final"),
+    }
+    with ScriptedOpenAIServer(scripts=scripts) as srv:
+        cfg = config(tmp_path, srv, ["p1", "locked"], "agg")
+        source = write_prompts(tmp_path / "in.jsonl", [f"q{i}" for i in range(30)])
+        out = tmp_path / "out.jsonl"
+        code, err = finish(moa_cli("generate", str(source), str(out), "--config", str(cfg)))
+        assert code == 2
+        (line,) = err.strip().splitlines()
+        assert line.startswith(
+            "moa: error: stopped after the first row, before sending the other 29: "
+            "proposer 2 (locked): OpenAIAuthenticationError: Error code: 401"
+        )
+        assert "sk-scripted-test" not in err
+        assert len(srv.requests_for("p1")) == 1 and len(srv.requests_for("agg")) == 1
+        assert rows(out) == []
+
+
+def test_an_unreachable_endpoint_stops_the_run_after_the_first_row(tmp_path: Path) -> None:
+    closed = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    entry = f'model = "m"\nbase_url = "{closed}"\napi_key_env = "SCRIPTED_KEY"\n'
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f"layers = 2\n[[proposers]]\n{entry}[aggregator]\n{entry}")
+    source = write_prompts(tmp_path / "in.jsonl", [f"q{i}" for i in range(50)])
+    code, err = finish(moa_cli("generate", str(source), str(tmp_path / "o.jsonl"),
+                               "--config", str(cfg)))  # fmt: skip
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("moa: error: stopped after the first row, before sending the other 49")
+    assert "Connection" in line

@@ -215,3 +215,24 @@ def test_batch_forms_rank_each_item() -> None:
     items = [("q1", ["GOOD a", "b"]), ("q2", ["c", "GOOD d"])]
     assert [r.chosen for r in judge.rank_batch(items)] == [0, 1]
     assert [r.chosen for r in asyncio.run(judge.arank_batch(items))] == [0, 1]
+
+
+def test_pointwise_candidate_no_judge_rated_abstains_never_scores_zero() -> None:
+    def rate(messages) -> str:
+        answer = messages[-1].text.split("[Answer]\n")[1]
+        return {"good": "Rating: [[9]]", "fair": "Rating: [[4]]"}.get(answer, "I cannot say.")
+
+    judge = MoAJudge(judges=[fake(rate), fake(rate)], mode="pointwise")
+    result = judge.rank("q", ["fair", "unclear", "good"])
+    assert result.scores == [4.0, None, 9.0]  # on the 1-10 scale, or no score at all
+    assert (result.chosen, result.rejected) == (2, 0)  # the unrated one is neither
+    assert result.details["unrated"] == [1]
+    assert result.details["verdicts"][0]["key"] == {"candidate": 0}
+
+
+def test_calls_for_plans_a_ranking() -> None:
+    judges = [fake("[[A]]"), fake("[[B]]"), fake("[[A]]")]
+    assert MoAJudge(judges=judges, aggregator=fake("[[A]]")).calls_for(5) == 80  # 10x2x3+20
+    assert MoAJudge(judges=judges, swap=False).calls_for(5) == 30
+    assert MoAJudge(judges=judges, mode="pointwise").calls_for(4) == 12
+    assert MoAJudge(judges=judges, mode="pointwise", criteria="dynamic").calls_for(4) == 13

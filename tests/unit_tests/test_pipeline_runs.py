@@ -1,0 +1,372 @@
+"""Exactly-once pipeline runs in messy use: edited inputs, duplicates, a second run on the
+same OUT, preconditions, the first-row probe, shards, progress, datasets-loadable output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants as hub_constants
+
+from langchain_moa import ChatMoA, ConfigError
+from langchain_moa.judge import MoAJudge
+from langchain_moa.pipelines import (
+    OutputBusy,
+    RunStopped,
+    content_id,
+    errors_path_for,
+    generate,
+    label,
+    lock_output,
+)
+from langchain_moa.testing import ScriptedChatModel
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def prompts(*texts: str) -> list[dict]:
+    return [{"prompt": t} for t in texts]
+
+
+class Recorder:
+    """An MoA whose aggregator records every question it answered."""
+
+    def __init__(self) -> None:
+        self.aggregator = ScriptedChatModel(model_name="agg", reply=lambda m: "A: " + m[-1].text)
+        self.moa = ChatMoA(
+            proposers=[ScriptedChatModel(model_name="p", reply="draft")],
+            aggregator=self.aggregator,
+        )
+
+    @property
+    def answered(self) -> list[str]:
+        return [messages[-1].text for messages in self.aggregator.calls]
+
+
+def answered_in(out: Path) -> list[str]:
+    return [row["messages"][-2]["content"] for row in read_jsonl(out)]
+
+
+def check_adds_up(summary) -> None:
+    parts = (
+        summary.other_shards, summary.skipped, summary.written, summary.failed,
+        summary.malformed, summary.duplicates, summary.not_attempted,
+    )  # fmt: skip
+    assert sum(parts) == summary.read, summary
+
+
+# --------------------------------------------------------------------- identity
+
+
+def test_editing_the_input_never_skips_or_repeats_a_prompt(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", prompts("alpha", "beta", "gamma"))
+    out = tmp_path / "out.jsonl"
+    first = Recorder()
+    generate(source, out, first.moa)
+    # a new prompt at the top, one removed, one appended: line numbers all shift
+    write_jsonl(source, prompts("new first", "alpha", "gamma", "appended"))
+    second = Recorder()
+    summary = generate(source, out, second.moa)
+    assert sorted(second.answered) == ["appended", "new first"]
+    assert (summary.read, summary.skipped, summary.written) == (4, 2, 2)
+    check_adds_up(summary)
+    assert sorted(answered_in(out)) == ["alpha", "appended", "beta", "gamma", "new first"]
+
+
+def test_same_prompt_as_string_or_messages_is_one_row(tmp_path: Path) -> None:
+    one = [{"role": "user", "content": "hi"}]
+    assert content_id(one) == content_id([{"content": "hi", "role": "user"}])
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}, {"messages": one}])
+    summary = generate(source, tmp_path / "out.jsonl", Recorder().moa)
+    assert (summary.written, summary.duplicates) == (1, 1)
+
+
+def test_label_identity_includes_the_responses(tmp_path: Path) -> None:
+    judge = MoAJudge(judges=[ScriptedChatModel(reply="[[A]]")], swap=False)
+    source = write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"prompt": "q", "responses": ["a", "b"]}, {"prompt": "q", "responses": ["c", "d"]}],
+    )
+    summary = label(source, tmp_path / "out.jsonl", judge)
+    assert (summary.written, summary.duplicates) == (2, 0)
+
+
+def test_duplicates_are_reported_unless_kept(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", prompts("same", "other", "same", "same"))
+    recorder = Recorder()
+    out = tmp_path / "out.jsonl"
+    summary = generate(source, out, recorder.moa)
+    assert sorted(recorder.answered) == ["other", "same"]
+    assert (summary.written, summary.duplicates, summary.failed) == (2, 2, 0)
+    assert summary.ok  # reported, not a failure
+    check_adds_up(summary)
+    errors = read_jsonl(errors_path_for(out))
+    assert [(e["line"], e["kind"]) for e in errors] == [(3, "duplicate"), (4, "duplicate")]
+    assert (
+        "same content as line 1" in errors[0]["reason"]
+        and "--keep-duplicates" in errors[0]["reason"]
+    )
+
+    kept = tmp_path / "kept.jsonl"
+    again = Recorder()
+    summary = generate(source, kept, again.moa, keep_duplicates=True)
+    assert sorted(again.answered) == ["other", "same", "same", "same"]
+    base = content_id([{"role": "user", "content": "same"}])
+    assert sorted(r["id"] for r in read_jsonl(kept) if r["id"].startswith(base)) == [
+        base, base + "#2", base + "#3",
+    ]  # fmt: skip
+    # a rerun keeps each copy exactly once
+    rerun = Recorder()
+    summary = generate(source, kept, rerun.moa, keep_duplicates=True)
+    assert rerun.answered == [] and summary.skipped == 4
+
+
+# ------------------------------------------------------------- OUT and the lock
+
+
+def test_a_second_run_on_the_same_out_is_refused_at_once(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", prompts("a", "b"))
+    out = tmp_path / "out.jsonl"
+    held = lock_output(out)  # another run in progress
+    recorder = Recorder()
+    try:
+        with pytest.raises(OutputBusy) as info:
+            generate(source, out, recorder.moa)
+    finally:
+        held.release()
+    assert str(info.value) == (
+        f"another run is writing {out} (it holds {out}.lock); wait for it to finish or "
+        "choose another OUT"
+    )
+    assert recorder.aggregator.calls == [] and not out.exists()
+    generate(source, out, recorder.moa)  # free again once the other run is gone
+    assert len(read_jsonl(out)) == 2
+
+
+def test_out_equal_to_the_input_is_refused(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", prompts("a"))
+    with pytest.raises(ConfigError, match="is the input file; choose another OUT"):
+        generate(source, tmp_path / "." / "in.jsonl", Recorder().moa)
+    assert read_jsonl(source) == prompts("a")
+
+
+def test_an_unwritable_out_is_refused_before_any_call(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", prompts("a"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    recorder = Recorder()
+    with pytest.raises(ConfigError, match=r"cannot create the folder of .*a-file/out.jsonl"):
+        generate(source, blocker / "out.jsonl", recorder.moa)
+    assert recorder.aggregator.calls == []
+
+
+def test_push_without_a_token_fails_before_any_call(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    source = write_jsonl(tmp_path / "in.jsonl", prompts("a"))
+    recorder = Recorder()
+    with pytest.raises(ConfigError, match="--push-to-hub needs a Hugging Face token"):
+        generate(source, tmp_path / "out.jsonl", recorder.moa, push_to_hub="me/sft")
+    with pytest.raises(ConfigError, match="is not a dataset repo id"):
+        generate(source, tmp_path / "out.jsonl", recorder.moa, push_to_hub="me/a b")
+    assert recorder.aggregator.calls == []
+
+
+def test_push_uploads_at_the_end(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub
+
+    uploaded = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo, repo_type, exist_ok):
+            pass
+
+        def upload_file(self, **kwargs):
+            uploaded.append(read_jsonl(Path(kwargs["path_or_fileobj"])))
+            return "https://hub.example/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_faketoken1234567890")
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")
+    source = write_jsonl(tmp_path / "in.jsonl", prompts("a", "b"))
+    summary = generate(source, tmp_path / "out.jsonl", Recorder().moa, push_to_hub="me/sft")
+    assert summary.uploaded_to == "https://hub.example/commit/1"
+    assert len(uploaded[0]) == 2  # every row was in OUT before the upload
+
+
+# ------------------------------------------------------------ the first row probe
+
+
+class AuthenticationError(Exception):
+    """Named like the OpenAI SDK's 401 error (the probe goes by the error's kind)."""
+
+
+def test_a_model_that_cannot_be_used_stops_the_run_after_the_first_row(tmp_path: Path) -> None:
+    good = ScriptedChatModel(model_name="good", reply="draft")
+    bad = ScriptedChatModel(
+        model_name="bad", fail_always=True, error=AuthenticationError("401 invalid key")
+    )
+    aggregator = ScriptedChatModel(model_name="agg", reply="answer")
+    moa = ChatMoA(proposers=[good, bad], aggregator=aggregator)  # quorum 1: rows would pass
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(*(f"q{i}" for i in range(20))))
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(RunStopped) as info:
+        generate(source, out, moa, concurrency=4)
+    message = str(info.value)
+    assert message.startswith("stopped after the first row, before sending the other 19: ")
+    assert "proposer 2 (bad): AuthenticationError" in message and "\n" not in message
+    assert len(good.calls) == 1 and len(aggregator.calls) == 1  # nothing else was sent
+    assert not out.exists() or read_jsonl(out) == []  # a degraded answer is not kept
+    summary = info.value.summary
+    assert (summary.failed, summary.not_attempted) == (1, 19)
+    check_adds_up(summary)
+
+
+def test_a_row_specific_failure_does_not_stop_the_run(tmp_path: Path) -> None:
+    def reply(messages):
+        if "poison" in messages[-1].text:
+            raise ValueError("this prompt is too long for the model")
+        return "fine"
+
+    moa = ChatMoA(
+        proposers=[ScriptedChatModel(reply="draft")], aggregator=ScriptedChatModel(reply=reply)
+    )
+    source = write_jsonl(tmp_path / "in.jsonl", prompts("poison", "a", "b"))
+    summary = generate(source, tmp_path / "out.jsonl", moa)
+    assert (summary.written, summary.failed) == (2, 1)
+
+
+# ---------------------------------------------------------- summary and reasons
+
+
+def test_the_summary_adds_up_and_reasons_are_complete_lines(tmp_path: Path) -> None:
+    def reply(messages):
+        if "boom" in messages[-1].text:
+            raise RuntimeError("first line\nsecond line that matters")
+        return "ok"
+
+    moa = ChatMoA(
+        proposers=[ScriptedChatModel(reply="draft")], aggregator=ScriptedChatModel(reply=reply)
+    )
+    source = write_jsonl(
+        tmp_path / "in.jsonl",
+        [*prompts("done", "new", "boom", "new"), '{"prompt": "tab\tinside"}', {"x": 1}],
+    )
+    out = tmp_path / "out.jsonl"
+    write_jsonl(out, [{"id": content_id([{"role": "user", "content": "done"}]), "messages": []}])
+    summary = generate(source, out, moa)
+    assert summary.describe() == (
+        "read 6 rows: 1 already done, 1 written, 1 failed, 2 malformed, 1 duplicate"
+    )
+    check_adds_up(summary)
+    reasons = {e["line"]: e["reason"] for e in read_jsonl(errors_path_for(out))}
+    assert "first line second line that matters" in reasons[3]
+    assert reasons[5] == "invalid JSON at column 16: Invalid control character"
+
+
+# ----------------------------------------------------------------------- shards
+
+
+def test_shards_split_the_input_exactly(tmp_path: Path) -> None:
+    rows = [*prompts(*(f"q{i}" for i in range(30))), {"id": "explicit", "prompt": "x"}]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    seen: list[str] = []
+    for i in (1, 2, 3):
+        out = tmp_path / f"out.{i}.jsonl"
+        summary = generate(source, out, Recorder().moa, shard=f"{i}/3")
+        check_adds_up(summary)
+        assert 0 < summary.written < 31
+        seen += [r["id"] for r in read_jsonl(out)]
+    assert len(seen) == len(set(seen)) == 31
+    # deterministic: the same shard again has nothing left to do
+    assert generate(source, tmp_path / "out.2.jsonl", Recorder().moa, shard="2/3").written == 0
+
+
+@pytest.mark.parametrize("bad", ["0/3", "4/3", "1", "a/b", "1/0"])
+def test_bad_shards_are_one_line_errors(tmp_path: Path, bad: str) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", prompts("a"))
+    with pytest.raises(ConfigError, match=r"--shard .*: (I must be between|expected I/N)"):
+        generate(source, tmp_path / "out.jsonl", Recorder().moa, shard=bad)
+
+
+# --------------------------------------------------------------------- progress
+
+
+def test_progress_counts_model_calls_while_rows_are_slow(tmp_path: Path, capsys) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", prompts("a", "b"))
+    moa = ChatMoA(
+        proposers=[ScriptedChatModel(reply="d1"), ScriptedChatModel(reply="d2")],
+        aggregator=ScriptedChatModel(reply="answer"),
+        layers=3,
+    )
+    summary = generate(source, tmp_path / "out.jsonl", moa, progress=True)
+    assert summary.model_calls == 10  # 2 rows x (2 proposers x 2 layers + aggregator)
+    assert "model calls 10/10" in capsys.readouterr().err
+
+
+def test_label_progress_plans_samples_and_judge_calls(tmp_path: Path, capsys) -> None:
+    policy = ScriptedChatModel(reply=lambda m: "x" * len(policy.calls))
+    judge = MoAJudge(
+        judges=[ScriptedChatModel(reply="Rating: [[5]]")], mode="pointwise", aggregator=None
+    )
+    source = write_jsonl(tmp_path / "in.jsonl", prompts("a"))
+    summary = label(source, tmp_path / "out.jsonl", judge, policy=policy, samples=3,
+                    progress=True)  # fmt: skip
+    assert summary.model_calls == 6  # 3 samples + 3 ratings
+    assert "model calls 6/6" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ output for datasets
+
+
+def test_outputs_load_with_datasets_one_type_per_column(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    source = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"prompt": "plain string", "responses": ["short", "a longer answer"]},
+            {
+                "messages": [
+                    {"role": "system", "content": "Be kind."},
+                    {"role": "user", "content": "as messages"},
+                ],
+                "responses": ["tiny", "a much longer answer"],
+            },
+        ],
+    )
+
+    def prefers_longer(messages) -> str:
+        body = messages[-1].text
+        a = body.split("[Answer A]\n")[1].split("\n\n[Answer B]")[0]
+        return "[[A]]" if len(a) > len(body.split("[Answer B]\n")[1]) else "[[B]]"
+
+    judge = MoAJudge(judges=[ScriptedChatModel(reply=prefers_longer)], aggregator=None)
+    dpo, sft = tmp_path / "dpo.jsonl", tmp_path / "sft.jsonl"
+    assert label(source, dpo, judge).written == 2
+    assert generate(source, sft, Recorder().moa).written == 2
+
+    message_list = datasets.List({"content": datasets.Value("string"),
+                                  "role": datasets.Value("string")})  # fmt: skip
+    prefs = datasets.load_dataset("json", data_files=str(dpo), split="train")
+    for column in ("prompt", "chosen", "rejected"):
+        assert prefs.features[column] == message_list, prefs.features[column]
+    assert prefs[1]["chosen"] == [{"content": "a much longer answer", "role": "assistant"}]
+    assert prefs.features["scores"] == datasets.List(datasets.Value("float64"))
+
+    sft_rows = datasets.load_dataset("json", data_files=str(sft), split="train")
+    assert sft_rows.features["messages"] == message_list
+    assert sft_rows[1]["messages"][-1]["role"] == "assistant"
+    assert "Json" not in repr(prefs.features) + repr(sft_rows.features)
