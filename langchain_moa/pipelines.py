@@ -38,18 +38,17 @@ from typing import Any
 
 from langchain_core.messages import convert_to_messages
 from langchain_core.runnables import RunnableConfig
-from langchain_core.tracers.base import BaseTracer
 
 from langchain_moa import calls
 from langchain_moa.calls import CallResult, ModelCall
 from langchain_moa.errors import ConfigError
-from langchain_moa.redaction import one_line, redact, run_error_line
+from langchain_moa.redaction import one_line, redact
 
 HF_PREFIX = "hf://datasets/"
 
 # Errors that mean "this model cannot be used as configured", not "this row went wrong".
 _UNREACHABLE = ("AuthenticationError", "PermissionDeniedError", "NotFoundError")
-_CONNECTION = ("ConnectionError", "ConnectError", "ConnectionRefusedError")
+_CONNECTION = ("ConnectionError", "ConnectError", "ConnectionRefusedError", "OSError")
 
 
 @dataclass
@@ -413,44 +412,32 @@ def check_push_token(repo: str | None) -> None:
 # ----------------------------------------------------------------- the run loop
 
 
-class _Watch(BaseTracer):
-    """Sees every model call of the rows (child runs reach tracers): counts them for the
-    progress bar and notes the ones that say a model cannot be used at all."""
+class _Watch:
+    """Sees every model call the rows make (through `calls.observe`): counts them for the
+    progress bar and notes the failures that say a model cannot be used at all."""
 
     def __init__(self, on_call: Callable[[], None]) -> None:
-        super().__init__()
         self.calls = 0
         self.blocked: list[str] = []
+        """Rejected keys, unknown models: no row can succeed with this config."""
         self.connection: list[str] = []
+        """Nothing listening, or the network is down (a retry may have saved the row)."""
         self._on_call = on_call
 
-    def _persist_run(self, run: Any) -> None:
-        pass
-
-    def _on_llm_end(self, run: Any) -> None:
-        if any(t.startswith("moa:") for t in run.tags or []):
-            self.calls += 1
-            self._on_call()
-
-    def _on_llm_error(self, run: Any) -> None:
-        if not any(t.startswith("moa:") for t in run.tags or []):
-            return
+    def __call__(self, result: CallResult) -> None:
         self.calls += 1
         self._on_call()
-        text = run_error_line(run.error)
-        error_type = text.split(":", 1)[0].strip()
-        metadata = run.extra.get("metadata", {})
-        who = metadata.get("moa_role", "a model")
-        model = metadata.get("ls_model_name") or run.name
-        reason = one_line(f"{who} ({model}): {text}", limit=700)
+        error = result.error
+        if error is None:
+            return
         # by suffix: wrappers rename provider errors (OpenAIAuthenticationError)
-        if error_type.endswith(_UNREACHABLE):
-            self.blocked.append(reason)
-        elif error_type.endswith(_CONNECTION):
-            self.connection.append(reason)
+        if error.status_code in (401, 403, 404) or error.error_type.endswith(_UNREACHABLE):
+            self.blocked.append(str(error))
+        elif error.error_type.endswith(_CONNECTION):
+            self.connection.append(str(error))
 
 
-Worker = Callable[[InputRow, RunnableConfig], Awaitable[dict[str, Any]]]
+Worker = Callable[[InputRow], Awaitable[dict[str, Any]]]
 
 
 async def run_rows(
@@ -538,13 +525,12 @@ async def _run(
     )
     planned = f"/{calls_per_row * len(todo)}" if calls_per_row else ""
     watch = _Watch(lambda: bar.set_postfix_str(f"model calls {watch.calls}{planned}"))
-    config: RunnableConfig = {"callbacks": [watch]}
     started = time.monotonic()
 
     async def attempt(row: InputRow) -> dict[str, Any] | None:
         """The row's output, or None after recording why it failed."""
         try:
-            return await worker(row, config)
+            return await worker(row)
         except Exception as exc:
             failure = {"id": row.id, "line": row.line, "kind": "failed",
                        "reason": error_reason(exc)}  # fmt: skip
@@ -563,35 +549,49 @@ async def _run(
     try:
         if not todo:
             return
-        first, rest = todo[0], iter(todo[1:])
-        result = await attempt(first)
-        cannot_use = watch.blocked or (watch.connection if result is None else [])
-        if cannot_use:
-            if result is not None:  # an answer made without a model the config names
-                failure = {"id": first.id, "line": first.line, "kind": "failed",
-                           "reason": cannot_use[0]}  # fmt: skip
-                errors.write(failure)
-                summary.failures.append(failure)
-                summary.failed += 1
-            summary.not_attempted = len(todo) - 1
-            raise RunStopped(
-                f"stopped after the first row, before sending the other {len(todo) - 1}: "
-                f"{cannot_use[0]}",
-                summary,
-            )
-        if result is not None:
-            keep(first, result)
-
-        async def lane() -> None:
-            for row in rest:  # one shared iterator: each row is taken by exactly one lane
-                found = await attempt(row)
-                if found is not None:
-                    keep(row, found)
-
-        await asyncio.gather(*(lane() for _ in range(min(concurrency, len(todo) - 1))))
+        with calls.observe(watch):  # the lanes' tasks start inside: they see it too
+            await _first_then_the_rest(todo, attempt, keep, watch, summary, errors, concurrency)
     finally:
         summary.model_calls = watch.calls
         bar.close()
+
+
+async def _first_then_the_rest(
+    todo: Sequence[InputRow],
+    attempt: Callable[[InputRow], Awaitable[dict[str, Any] | None]],
+    keep: Callable[[InputRow, dict[str, Any]], None],
+    watch: _Watch,
+    summary: RunSummary,
+    errors: JsonlAppender,
+    concurrency: int,
+) -> None:
+    """The first row alone (it tells whether the models can be used), then the rest."""
+    first, rest = todo[0], iter(todo[1:])
+    result = await attempt(first)
+    cannot_use = watch.blocked or (watch.connection if result is None else [])
+    if cannot_use:
+        if result is not None:  # an answer made without a model the config names
+            failure = {"id": first.id, "line": first.line, "kind": "failed",
+                       "reason": cannot_use[0]}  # fmt: skip
+            errors.write(failure)
+            summary.failures.append(failure)
+            summary.failed += 1
+        summary.not_attempted = len(todo) - 1
+        raise RunStopped(
+            f"stopped after the first row, before sending the other {len(todo) - 1}: "
+            f"{cannot_use[0]}",
+            summary,
+        )
+    if result is not None:
+        keep(first, result)
+
+    async def lane() -> None:
+        for row in rest:  # one shared iterator: each row is taken by exactly one lane
+            found = await attempt(row)
+            if found is not None:
+                keep(row, found)
+
+    await asyncio.gather(*(lane() for _ in range(min(concurrency, len(todo) - 1))))
 
 
 def error_reason(exc: BaseException) -> str:
@@ -649,8 +649,8 @@ async def agenerate(
     source = resolve_input(input)
     rows, problems = read_rows(source, keep_duplicates=keep_duplicates)
 
-    async def worker(row: InputRow, config: RunnableConfig) -> dict[str, Any]:
-        message = await moa.ainvoke(convert_to_messages(row.messages), config=config)
+    async def worker(row: InputRow) -> dict[str, Any]:
+        message = await moa.ainvoke(convert_to_messages(row.messages))
         if not isinstance(message.content, str) or not message.content.strip():
             raise ValueError("the MoA returned an empty answer")
         return {
@@ -743,11 +743,11 @@ async def alabel(
                 f"to sample candidates"
             )
 
-    async def worker(row: InputRow, config: RunnableConfig) -> dict[str, Any]:
-        candidates = row.responses or await sample_candidates(policy, row.messages, samples, config)
+    async def worker(row: InputRow) -> dict[str, Any]:
+        candidates = row.responses or await sample_candidates(policy, row.messages, samples)
         if len(candidates) < 2:
             raise ValueError(f"only {len(candidates)} non-empty candidate(s); need 2")
-        result = await judge.arank(row.prompt or row.messages, candidates, config)
+        result = await judge.arank(row.prompt or row.messages, candidates)
         rated = [s for s in result.scores if s is not None]
         if len(rated) < 2:
             raise ValueError(
