@@ -335,3 +335,20 @@ async def test_standard_params_apply_to_the_aggregator_alone(how: str) -> None:
         50,
         ["END"],
     )
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_observe_sees_every_attempt_on_every_path(how: str) -> None:
+    from langchain_moa.calls import observe
+
+    seen: list[tuple[str, str | None]] = []
+    flaky = tracked("flaky", fail_times=1, error=ConnectionError("reset"))
+    moa = ChatMoA(proposers=[tracked("a"), flaky], aggregator=tracked("agg"), layers=2)
+    with observe(lambda r: seen.append((r.call.role, r.error and r.error.error_type))):
+        await run(moa, "q", how)
+    roles = sorted(role for role, _ in seen)
+    assert roles.count("aggregator") == 1 and roles.count("proposer 1") == 1
+    assert ("proposer 2", "ConnectionError") in seen  # the failed attempt is reported too
+    seen.clear()
+    await run(moa, "q", how)
+    assert seen == []  # outside the context nothing is reported
