@@ -136,8 +136,10 @@ def main() -> None:
             folder = Path(tmp)
             source = folder / "in.jsonl"
             source.write_text(
-                "".join(json.dumps({"prompt": f"Question {i}: what helps?"}) + "\n"
-                        for i in range(args.rows))  # fmt: skip
+                "".join(
+                    json.dumps({"prompt": f"Question {i}: what helps?"}) + "\n"
+                    for i in range(args.rows)
+                )  # fmt: skip
             )
             entry = f'base_url = "{base_url}"\napi_key_env = "SCRIPTED_KEY"\n'
             config = folder / "cfg.toml"

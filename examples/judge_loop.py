@@ -29,7 +29,8 @@ def main() -> None:
     graph = build_judge_graph(judge, generator, n=args.n, threshold=args.threshold, max_attempts=2)
     state = graph.invoke({"prompt": args.prompt})
     for i, (candidate, score) in enumerate(zip(state["candidates"], state["scores"], strict=True)):
-        print(f"candidate {i} (win rate {score:.2f}): {candidate[:160]!r}")
+        shown = "unrated" if score is None else f"win rate {score:.2f}"
+        print(f"candidate {i} ({shown}): {candidate[:160]!r}")
     print(f"rounds: {state['attempts']}")
     print(f"best: {state['best']}")
 

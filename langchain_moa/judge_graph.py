@@ -28,7 +28,7 @@ class JudgeState(TypedDict, total=False):
     prompt: str
     messages: Annotated[list[AnyMessage], add_messages]
     candidates: list[str]
-    scores: list[float]
+    scores: list[float | None]
     chosen: int
     rejected: int
     judge_details: dict[str, Any]
@@ -107,7 +107,7 @@ def build_judge_graph(
         return {"candidates": candidates, "attempts": state.get("attempts", 0) + 1}
 
     def route(state: JudgeState) -> str:
-        best = max(state["scores"])
+        best = max(s for s in state["scores"] if s is not None)  # None: nobody rated it
         if threshold is not None and best < threshold and state.get("attempts", 0) < max_attempts:
             return "generate"
         return "finish"

@@ -524,7 +524,17 @@ async def _run(
         disable=(not sys.stderr.isatty()) if progress is None else not progress,
     )
     planned = f"/{calls_per_row * len(todo)}" if calls_per_row else ""
-    watch = _Watch(lambda: bar.set_postfix_str(f"model calls {watch.calls}{planned}"))
+    shown = [0.0]
+
+    def show_calls() -> None:
+        """Life on slow rows: the call count moves while the row count waits."""
+        now = time.monotonic()
+        redraw = now - shown[0] >= 0.2  # at most 5 redraws a second at any call rate
+        bar.set_postfix_str(f"model calls {watch.calls}{planned}", refresh=redraw)
+        if redraw:
+            shown[0] = now
+
+    watch = _Watch(show_calls)
     started = time.monotonic()
 
     async def attempt(row: InputRow) -> dict[str, Any] | None:

@@ -60,8 +60,8 @@ def test_moa_label_on_the_local_model(tmp_path: Path) -> None:
     assert result.returncode == (1 if failed else 0)
     assert written, f"no row labeled: {failed}"
     for row in written:
-        assert row["chosen"] != row["rejected"]
-        assert {row["chosen"], row["rejected"]} <= set(row["candidates"])
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen != rejected and {chosen, rejected} <= set(row["candidates"])
         details = row["judge"]
         # the grammar makes the tiny model's verdicts parseable
         assert details["abstentions"] == 0
