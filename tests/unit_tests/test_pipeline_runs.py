@@ -370,3 +370,51 @@ def test_outputs_load_with_datasets_one_type_per_column(tmp_path: Path) -> None:
     assert sft_rows.features["messages"] == message_list
     assert sft_rows[1]["messages"][-1]["role"] == "assistant"
     assert "Json" not in repr(prefs.features) + repr(sft_rows.features)
+
+
+# -------------------------------------------------------------------------- CLI
+
+
+def test_cli_label_takes_the_recipes_defaults_and_flags_override_them(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from langchain_moa import cli, cli_data
+    from langchain_moa.recipes import LabelSettings
+
+    def rate(messages) -> str:  # longer is better, in either mode
+        body = messages[-1].text
+        if "[Answer A]" in body:
+            a, b = body.split("[Answer A]\n")[1].split("\n\n[Answer B]\n")
+            return "[[A]]" if len(a) > len(b.split("\n\n")[0]) else "[[B]]"
+        return f"Rating: [[{min(10, len(body.split('[Answer]')[1]))}]]"
+
+    judge_model = ScriptedChatModel(reply=rate)
+    monkeypatch.setattr(
+        cli_data,
+        "_recipe_models",
+        lambda args: {
+            "proposers": [judge_model], "aggregator": judge_model, "all_local": False,
+            "label": LabelSettings(mode="pointwise", samples=3, aggregate=False),
+        },
+    )  # fmt: skip
+    counter = iter(range(1000))
+    policy = ScriptedChatModel(reply=lambda m: "x" * (next(counter) % 7 + 1))
+    monkeypatch.setattr(cli_data, "build_policy", lambda spec: policy)
+    source = write_jsonl(tmp_path / "in.jsonl", prompts("q"))
+    out = tmp_path / "dpo.jsonl"
+    assert cli.main(["label", str(source), str(out), "--policy", "fake"]) == 0
+    (row,) = read_jsonl(out)
+    assert row["judge"]["mode"] == "pointwise" and len(row["candidates"]) == 3
+    assert row["judge"]["aggregator_verdicts"] == []
+    out2 = tmp_path / "dpo2.jsonl"
+    argv = ["label", str(source), str(out2), "--policy", "fake", "--mode", "pairwise",
+            "--samples", "2", "--no-swap", "--aggregate"]  # fmt: skip
+    assert cli.main(argv) == 0
+    (row,) = read_jsonl(out2)
+    assert row["judge"]["mode"] == "pairwise" and len(row["candidates"]) == 2
+    assert row["judge"]["swap"] is False and len(row["judge"]["aggregator_verdicts"]) == 1
+    capsys.readouterr()
+    assert cli.main(["generate", str(source), str(tmp_path / "o.jsonl"), "--shard", "4/3"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "moa: error: --shard '4/3': I must be between 1 and N (N >= 1), e.g. 1/4"
+    )
