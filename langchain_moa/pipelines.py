@@ -586,6 +586,8 @@ async def _first_then_the_rest(
             errors.write(failure)
             summary.failures.append(failure)
             summary.failed += 1
+        if len(todo) == 1:
+            return  # nothing left to protect: an ordinary failed row
         summary.not_attempted = len(todo) - 1
         raise RunStopped(
             f"stopped after the first row, before sending the other {len(todo) - 1}: "

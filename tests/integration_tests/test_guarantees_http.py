@@ -32,7 +32,7 @@ from langchain_openai import ChatOpenAI
 
 from langchain_moa import ChatMoA, MoAError, MoAJudge, build_judge_graph, build_moa_graph
 from langchain_moa.calls import CallError
-from langchain_moa.pipelines import agenerate
+from langchain_moa.pipelines import RunStopped, agenerate
 from langchain_moa.testing import ModelScript, ScriptedOpenAIServer, start_moa_serve
 
 pytestmark = pytest.mark.http
@@ -167,8 +167,10 @@ async def test_pipeline_errors_file_never_shows_the_key(
     source = tmp_path / "in.jsonl"
     source.write_text('{"id": "a", "prompt": "q1"}\n{"id": "b", "prompt": "q2"}\n')
     moa = ChatMoA(proposers=[client(server, "p1")], aggregator=client(server, "reject", key))
-    summary = await agenerate(source, tmp_path / "out.jsonl", moa)
-    assert summary.failed == 2
+    with pytest.raises(RunStopped) as info:  # a rejected key stops the run after one row
+        await agenerate(source, tmp_path / "out.jsonl", moa)
+    assert (info.value.summary.failed, info.value.summary.not_attempted) == (1, 1)
+    assert key not in str(info.value)
     text = (tmp_path / "out.jsonl.errors.jsonl").read_text()
     assert key not in text
     assert re.search(r"aggregator \(reject\): \w*AuthenticationError", text)
