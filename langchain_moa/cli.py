@@ -28,7 +28,12 @@ from rich.console import Console
 
 from langchain_moa.calls import CallError
 from langchain_moa.errors import ConfigError, MoAError
-from langchain_moa.redaction import install_log_redaction, one_line, run_error_line
+from langchain_moa.redaction import (
+    install_log_redaction,
+    one_line,
+    register_secrets,
+    run_error_line,
+)
 
 EXIT_OK = 0
 EXIT_RUNTIME_ERROR = 1
@@ -310,22 +315,69 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def served_models(args: argparse.Namespace) -> dict[str, Any]:
+    """One ChatMoA per --recipe / --config, keyed by the recipe's or the config's name."""
+    from langchain_moa.chat_model import ChatMoA
+    from langchain_moa.recipes import load_recipe
+
+    sources = [*(args.recipe or []), *(args.config or [])] or ["local"]
+    models: dict[str, Any] = {}
+    for source in sources:
+        recipe = load_recipe(source)
+        if args.max_tokens is not None:
+            recipe = recipe.with_max_tokens(args.max_tokens)
+        kwargs = recipe.chat_moa_kwargs()
+        if args.layers is not None:
+            kwargs["layers"] = args.layers
+        if recipe.name in models:
+            raise ConfigError(
+                f"two served MoAs are both named {recipe.name!r}; give one a different "
+                "name = ... in its config file"
+            )
+        models[recipe.name] = ChatMoA(**kwargs)
+    return models
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve ChatMoA over HTTP with LangServe (the optional `serve` extra)."""
+    """Serve MoAs over HTTP: OpenAI-compatible API, LangServe at /moa, inspector at /."""
     try:
         import uvicorn
-        from fastapi import FastAPI
-        from langserve import add_routes
+
+        from langchain_moa.server import API_KEY_ENV, ServeLimits, create_app
     except ImportError:
         raise ConfigError(
             "serving needs the 'serve' extra: pip install 'langchain-moa[serve]'"
         ) from None
-    moa = build_chat_moa(args)
-    app = FastAPI(title="langchain-moa", description="Mixture-of-Agents chat model")
-    add_routes(app, moa, path="/moa")
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if not _is_loopback(args.host) and api_key is None and not args.allow_public:
+        raise ConfigError(
+            f"refusing to serve on {args.host} without a key: set {API_KEY_ENV}, or pass "
+            "--allow-public to serve it to anyone who can reach this machine"
+        )
+    if api_key is not None:
+        register_secrets([api_key])
+    models = served_models(args)
+    limits = ServeLimits(
+        max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
+        max_runs=args.max_runs, max_queue=args.max_queue,
+    )  # fmt: skip
+    app = create_app(models, api_key=api_key, limits=limits)
+    base = f"http://{args.host}:{args.port}"
     err.print(
-        f"serving ChatMoA at http://{args.host}:{args.port}/moa "
-        f"(invoke, stream, batch; playground: /moa/playground)",
+        f"serving {', '.join(models)} at {base}/v1 (OpenAI API), {base}/moa (LangServe: "
+        f"invoke, stream, batch, playground), inspector at {base}/"
+        + (" (key required)" if api_key else ""),
         markup=False,
     )
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
@@ -416,11 +468,33 @@ def build_parser() -> argparse.ArgumentParser:
     recipes = sub.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(func=cmd_recipes)
 
-    serve = sub.add_parser("serve", help="serve ChatMoA over HTTP with LangServe")
-    add_model_options(serve)
+    serve = sub.add_parser(
+        "serve", help="serve MoAs: OpenAI-compatible API, LangServe, inspector page"
+    )
+    serve.add_argument(
+        "--recipe", action="append", metavar="NAME",
+        help="serve this recipe as a model (repeatable; default: local)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--config", action="append", metavar="FILE",
+        help="serve this config file as a model named by its 'name' (repeatable)",
+    )  # fmt: skip
+    serve.add_argument("--layers", type=_positive, help="override every MoA's number of layers")
     serve.add_argument("--max-tokens", type=_positive, metavar="N", help="cap every answer")
-    serve.add_argument("--host", default="127.0.0.1", help="interface (default: loopback)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument(
+        "--allow-public", action="store_true",
+        help="serve a non-loopback host without MOA_SERVE_API_KEY (anyone may use it)",
+    )  # fmt: skip
+    serve.add_argument("--max-body-bytes", type=_positive, default=1_000_000,
+                       help="largest request body (default: 1000000)")  # fmt: skip
+    serve.add_argument("--max-batch", type=_positive, default=32,
+                       help="most inputs in one /moa/batch (default: 32)")  # fmt: skip
+    serve.add_argument("--max-runs", type=_positive, default=16,
+                       help="MoA runs in flight across the server (default: 16)")  # fmt: skip
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="runs that may wait for a slot before 429 (default: 64)")  # fmt: skip
     serve.set_defaults(func=cmd_serve)
 
     # `generate` and `label` live in their own module; the CLI works without it.

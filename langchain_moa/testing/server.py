@@ -22,7 +22,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -592,7 +592,11 @@ def free_port() -> int:
 
 
 def start_moa_serve(
-    config: Any, *, env: dict[str, str] | None = None, timeout: float = 60.0
+    config: Any,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+    args: Sequence[str] = (),
 ) -> tuple[str, Any]:
     """``moa serve --config CONFIG`` on a free loopback port, started as a user starts it.
 
@@ -608,7 +612,7 @@ def start_moa_serve(
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "langchain_moa.cli", "serve", "--config", str(config),
-         "--host", "127.0.0.1", "--port", str(port)],
+         "--host", "127.0.0.1", "--port", str(port), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, **(env or {})},
     )  # fmt: skip

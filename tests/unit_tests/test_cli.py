@@ -74,7 +74,7 @@ def test_parser_defaults_and_options() -> None:
     assert args.prompt is None and args.layers == 2 and args.max_tokens == 9 and args.debug
     assert args.system == "be brief" and args.show_proposals and args.json and args.verbose
     serve = parser.parse_args(["serve"])
-    assert (serve.host, serve.port, serve.recipe) == ("127.0.0.1", 8000, "local")
+    assert (serve.host, serve.port, serve.recipe) == ("127.0.0.1", 8000, None)  # None: local
     assert parser.parse_args(["pull", "--force"]).force
     assert {"generate", "label"} <= set(parser._subparsers._group_actions[0].choices)
 

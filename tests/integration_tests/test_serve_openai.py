@@ -1,0 +1,398 @@
+"""`moa serve` as users start it (a subprocess on 127.0.0.1), called as users call it: the
+official `openai` client, `ChatOpenAI` pointed at it, LangServe's `RemoteRunnable`, curl,
+and a real headless browser for the inspector page."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from langchain_moa.testing import ModelScript, ScriptedOpenAIServer, free_port, start_moa_serve
+
+pytest.importorskip("langserve", reason="the 'serve' extra is not installed")
+pytestmark = pytest.mark.http
+
+UPSTREAM_KEY = "sk-scripted-test"
+SERVE_KEY = "moa-serve-test-key-123"
+
+
+def entry(server: ScriptedOpenAIServer, model: str) -> str:
+    return f'model = "{model}"\nbase_url = "{server.base_url}"\napi_key_env = "SCRIPTED_KEY"\n'
+
+
+def write_config(path: Path, server: ScriptedOpenAIServer, name: str, proposers: list[str],
+                 aggregator: str, extra: str = "") -> Path:  # fmt: skip
+    text = f'name = "{name}"\nlayers = 2\n{extra}' + "".join(
+        "[[proposers]]\n" + entry(server, p) for p in proposers
+    )
+    path.write_text(text + "[aggregator]\n" + entry(server, aggregator))
+    return path
+
+
+def poison_aware(body: dict) -> str:
+    if "poison" in body["messages"][-1]["content"]:
+        raise RuntimeError("scripted upstream failure")
+    return "final answer"
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[ScriptedOpenAIServer]:
+    scripts = {
+        "p1": ModelScript(reply="draft one", latency=0.05),
+        "p2": ModelScript(reply="draft two", latency=0.05),
+        "agg": ModelScript(reply="the served answer", token_delay=0.005),
+        "aggtool": ModelScript(
+            reply="no tool", tool_calls=[{"name": "multiply", "arguments": {"a": 17, "b": 23}}]
+        ),
+        "aggbad": ModelScript(fail_always=True, fail_status=500),
+        "slow": ModelScript(reply="slow draft", latency=1.0),
+        "aggpoison": ModelScript(reply=poison_aware),
+    }
+    with ScriptedOpenAIServer(scripts=scripts) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def served(upstream: ScriptedOpenAIServer, tmp_path_factory) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("serve")
+    configs = [
+        write_config(folder / "alpha.toml", upstream, "alpha", ["p1", "p2"], "agg"),
+        write_config(folder / "tools.toml", upstream, "tools", ["p1"], "aggtool"),
+        write_config(folder / "broken.toml", upstream, "broken", ["p1"], "aggbad",
+                     "min_proposers = 1\n"),  # fmt: skip
+        write_config(folder / "slow.toml", upstream, "slow", ["slow"], "agg"),
+    ]  # fmt: skip
+    extra = [a for c in configs[1:] for a in ("--config", str(c))]
+    base, process = start_moa_serve(configs[0], env={"SCRIPTED_KEY": UPSTREAM_KEY}, args=extra)
+    root = base.removesuffix("/moa")
+    yield root
+    process.terminate()
+    _, err = process.communicate(timeout=30)
+    assert UPSTREAM_KEY not in err and "Traceback" not in err, err
+
+
+def openai_client(root: str, key: str = "unused") -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"{root}/v1", api_key=key, max_retries=0)
+
+
+# --------------------------------------------------------------- OpenAI-compatible
+
+
+def test_models_lists_every_served_moa(served: str) -> None:
+    ids = [m.id for m in openai_client(served).models.list().data]
+    assert ids == ["alpha", "tools", "broken", "slow"]
+
+
+def test_openai_client_gets_the_answer_and_usage_of_every_call(served: str) -> None:
+    response = openai_client(served).chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "hi"}],
+        extra_body={"moa": {"drafts": True}},
+    )  # fmt: skip
+    assert response.choices[0].message.content == "the served answer"
+    assert response.choices[0].finish_reason == "stop" and response.model == "alpha"
+    moa = response.model_extra["moa"]
+    drafts = [p["answer"] for p in moa["layers"][0]["proposals"]]
+    assert drafts == ["draft one", "draft two"]
+    every_call = [p["usage"] for p in moa["layers"][0]["proposals"]] + [moa["aggregator"]["usage"]]
+    assert response.usage.total_tokens == sum(u["total_tokens"] for u in every_call) > 0
+
+
+def test_openai_stream_with_usage(served: str) -> None:
+    chunks = list(
+        openai_client(served).chat.completions.create(
+            model="alpha",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "the served answer"
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # streamed
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_draft_events_arrive_before_the_answer(served: str) -> None:
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "moa": {"drafts": True}}  # fmt: skip
+    with httpx.stream("POST", f"{served}/v1/chat/completions", json=body, timeout=30) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]  # fmt: skip
+    drafts = [e for e in events if e.get("object") == "moa.draft"]
+    assert sorted((d["proposer"], d["answer"]) for d in drafts) == [
+        (1, "draft one"), (2, "draft two"),
+    ]  # fmt: skip
+    assert all(d["model"] in ("p1", "p2") and d["latency_s"] > 0 and d["tokens"] for d in drafts)
+    first_text = next(i for i, e in enumerate(events) if e.get("choices")
+                      and e["choices"][0]["delta"].get("content"))  # fmt: skip
+    assert max(events.index(d) for d in drafts) < first_text
+
+
+def test_call_options_go_to_the_aggregator(served: str, upstream: ScriptedOpenAIServer) -> None:
+    before = len(upstream.requests_for("agg"))
+    openai_client(served).chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "options"}],
+        temperature=0.1, max_tokens=7, stop=["END"],
+    )  # fmt: skip
+    sent = upstream.requests_for("agg")[before:][-1].body
+    limit = sent.get("max_completion_tokens", sent.get("max_tokens"))  # ChatOpenAI renames it
+    assert (sent["temperature"], limit, sent["stop"]) == (0.1, 7, ["END"])
+
+
+def test_chat_openai_pointed_at_the_server_calls_tools(served: str) -> None:
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    model = ChatOpenAI(model="tools", base_url=f"{served}/v1", api_key="unused", max_retries=0)
+    message = model.bind_tools([multiply], tool_choice="multiply").invoke("17 times 23?")
+    assert message.tool_calls[0]["name"] == "multiply"
+    assert message.tool_calls[0]["args"] == {"a": 17, "b": 23}
+    assert multiply.invoke(message.tool_calls[0]["args"]) == 391
+
+
+def test_errors_are_openai_error_json(served: str) -> None:
+    import openai
+
+    client = openai_client(served)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="alpha", messages=[])
+    assert "'messages' must be a non-empty list" in bad.value.message
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert "model 'nope' is not served here; served: alpha, tools, broken, slow" in str(
+        missing.value
+    )
+    with pytest.raises(openai.APIStatusError) as upstream_failed:
+        client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "x"}])
+    assert upstream_failed.value.status_code == 502
+    text = upstream_failed.value.response.text
+    assert "aggregator (aggbad)" in text and UPSTREAM_KEY not in text and "Traceback" not in text
+    assert upstream_failed.value.body["type"] == "upstream_error"
+
+
+def test_remote_runnable_and_curl(served: str) -> None:
+    from langserve import RemoteRunnable
+
+    assert RemoteRunnable(f"{served}/moa").invoke("hi").content == "the served answer"
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    out = subprocess.run(
+        ["curl", "-s", f"{served}/v1/chat/completions", "-H", "Content-Type: application/json",
+         "-d", json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "hi"}]})],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert json.loads(out)["choices"][0]["message"]["content"] == "the served answer"
+
+
+def test_a_client_that_hangs_up_stops_its_run(served: str, upstream: ScriptedOpenAIServer) -> None:
+    """`slow` has a 1 s proposer: hang up during it, and the aggregator is never called."""
+    for body in (
+        {"model": "slow", "messages": [{"role": "user", "content": "hang up a"}]},
+        {"model": "slow", "messages": [{"role": "user", "content": "hang up b"}], "stream": True},
+    ):
+        hang_up(served + "/v1/chat/completions", body)
+        time.sleep(1.5)  # the proposer would have answered by now
+        assert asked(upstream, body["messages"][0]["content"]) == ["slow"]  # no aggregator
+
+
+def hang_up(url: str, body: dict, headers: dict | None = None) -> None:
+    """Send, then leave after 0.4 s without waiting for the answer."""
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=0.4) as response:
+            for _ in response.iter_bytes():
+                pass
+
+
+def asked(upstream: ScriptedOpenAIServer, question: str) -> list[str]:
+    """The upstream models that received `question`, in order."""
+    return [r.model for r in upstream.requests
+            if r.messages and r.messages[-1].get("content") == question]  # fmt: skip
+
+
+# ------------------------------------------------------------------- protection
+
+
+@pytest.fixture(scope="module")
+def guarded(upstream: ScriptedOpenAIServer, tmp_path_factory) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("guarded")
+    cfg = write_config(folder / "g.toml", upstream, "guarded", ["slow"], "aggpoison")
+    base, process = start_moa_serve(
+        cfg, env={"SCRIPTED_KEY": UPSTREAM_KEY, "MOA_SERVE_API_KEY": SERVE_KEY},
+        args=["--max-body-bytes", "4000", "--max-batch", "3", "--max-runs", "1",
+              "--max-queue", "1"],
+    )  # fmt: skip
+    yield base.removesuffix("/moa")
+    process.terminate()
+    _, err = process.communicate(timeout=30)
+    assert SERVE_KEY not in err
+
+
+def test_every_route_needs_the_key(guarded: str) -> None:
+    bearer = {"Authorization": f"Bearer {SERVE_KEY}"}
+    for path in ("/", "/v1/models", "/moa/input_schema", "/moa/playground/"):
+        refused = httpx.get(guarded + path, timeout=10)
+        assert refused.status_code == 401, path
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(guarded + path, headers=bearer, timeout=10).status_code == 200, path
+    wrong = httpx.get(guarded + "/v1/models", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    basic = base64.b64encode(f"me:{SERVE_KEY}".encode()).decode()
+    page = httpx.get(guarded + "/", headers={"Authorization": f"Basic {basic}"}, timeout=10)
+    assert page.status_code == 200 and "MoA inspector" in page.text
+    assert openai_client(guarded, SERVE_KEY).models.list().data[0].id == "guarded"
+
+
+def test_body_and_batch_limits(guarded: str) -> None:
+    bearer = {"Authorization": f"Bearer {SERVE_KEY}"}
+    big = {"model": "guarded", "messages": [{"role": "user", "content": "x" * 5000}]}
+    response = httpx.post(f"{guarded}/v1/chat/completions", json=big, headers=bearer)
+    assert response.status_code == 413 and "over 4000 bytes" in response.json()["error"]["message"]
+    response = httpx.post(f"{guarded}/moa/batch", json={"inputs": ["a", "b", "c", "d"]},
+                          headers=bearer)  # fmt: skip
+    assert response.status_code == 413
+    assert response.json()["error"]["message"] == (
+        "a batch of 4 inputs is over the limit of 3; split it"
+    )
+
+
+def test_batch_items_fail_one_by_one(guarded: str) -> None:
+    bearer = {"Authorization": f"Bearer {SERVE_KEY}"}
+    response = httpx.post(f"{guarded}/moa/batch", json={"inputs": ["fine", "poison"]},
+                          headers=bearer, timeout=60)  # fmt: skip
+    assert response.status_code == 200, response.text
+    good, bad = response.json()["output"]
+    assert good["content"] == "final answer"
+    assert (
+        bad["content"] == ""
+        and "aggregator (aggpoison)" in (bad["response_metadata"]["moa_error"]["message"])
+    )
+
+
+def test_a_full_server_answers_429_with_retry_after(guarded: str) -> None:
+    bearer = {"Authorization": f"Bearer {SERVE_KEY}"}
+    body = {"model": "guarded", "messages": [{"role": "user", "content": "busy"}]}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(headers=bearer, timeout=60) as client:
+            return list(await asyncio.gather(*(
+                client.post(f"{guarded}/v1/chat/completions", json=body) for _ in range(4)
+            )))  # fmt: skip
+
+    statuses = sorted(r.status_code for r in asyncio.run(burst()))
+    assert statuses == [200, 200, 429, 429]  # 1 running + 1 queued, the rest refused
+    refused = next(r for r in asyncio.run(burst()) if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_langserve_clients_that_hang_up_stop_their_run(
+    guarded: str, upstream: ScriptedOpenAIServer
+) -> None:
+    bearer = {"Authorization": f"Bearer {SERVE_KEY}"}
+    hang_up(f"{guarded}/moa/invoke", {"input": "hang up c"}, bearer)
+    time.sleep(1.5)
+    assert asked(upstream, "hang up c") == ["slow"]  # the aggregator was never called
+
+
+def test_a_public_host_without_a_key_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[aggregator]\nprovider = "local"\n')
+    env = {k: v for k, v in os.environ.items() if k != "MOA_SERVE_API_KEY"}
+    result = subprocess.run(
+        [sys.executable, "-m", "langchain_moa.cli", "serve", "--config", str(cfg),
+         "--host", "0.0.0.0", "--port", str(free_port())],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "moa: error: refusing to serve on 0.0.0.0 without a key: set MOA_SERVE_API_KEY, or "
+        "pass --allow-public to serve it to anyone who can reach this machine"
+    )
+
+
+# -------------------------------------------------------------------- inspector
+
+
+def run_in_browser(browser: str, url: str, expression: str, profile: Path) -> Any:
+    """Open `url` in headless Chromium and poll `expression` over the DevTools protocol
+    until it returns something truthy (60 s at most)."""
+    from websockets.sync.client import connect
+
+    port = free_port()
+    process = subprocess.Popen(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         f"--remote-debugging-port={port}", "--remote-allow-origins=*",
+         f"--user-data-dir={profile}", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                targets = httpx.get(f"http://127.0.0.1:{port}/json", timeout=2).json()
+                page = next(t for t in targets if t["type"] == "page")
+                break
+            except (httpx.HTTPError, StopIteration, ValueError):
+                assert time.monotonic() < deadline, "chromium never opened its DevTools port"
+                time.sleep(0.2)
+        with connect(page["webSocketDebuggerUrl"], max_size=None) as socket:
+            for ident in range(1, 10_000):
+                socket.send(json.dumps({"id": ident, "method": "Runtime.evaluate",
+                                        "params": {"expression": expression,
+                                                   "returnByValue": True}}))  # fmt: skip
+                while (reply := json.loads(socket.recv()))["id"] != ident:
+                    pass
+                value = reply["result"]["result"].get("value")
+                if value or time.monotonic() > deadline:
+                    return value
+                time.sleep(0.25)
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+PAGE_STATE = """(() => {
+  const answer = document.querySelector('.answer');
+  if (!answer || !answer.classList.contains('done')) return null;
+  return {question: document.querySelector('.question').innerText,
+          drafts: [...document.querySelectorAll('.draft')].map(d => d.innerText),
+          layers: document.querySelectorAll('.layer').length,
+          answer: answer.innerText,
+          models: [...document.querySelectorAll('#model option')].map(o => o.value)};
+})()"""
+
+
+def test_inspector_page_in_a_real_browser(served: str, tmp_path: Path) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium here: apt-get install chromium")
+    state = run_in_browser(browser, f"{served}/?q=Why%20is%20the%20sky%20blue", PAGE_STATE,
+                           tmp_path / "profile")  # fmt: skip
+    assert state, "the page never finished its answer"
+    assert state["question"] == "Why is the sky blue"
+    assert state["models"] == ["alpha", "tools", "broken", "slow"]
+    assert state["layers"] == 1 and len(state["drafts"]) == 2
+    first, second = sorted(state["drafts"])
+    assert first.startswith("proposer 1 · p1 · ") and "tokens" in first and "draft one" in first
+    assert second.startswith("proposer 2 · p2 · ") and "draft two" in second
+    assert state["answer"] == "the served answer"
