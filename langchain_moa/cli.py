@@ -352,6 +352,7 @@ def served_models(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve MoAs over HTTP: OpenAI-compatible API, LangServe at /moa, inspector at /."""
     try:
+        import langserve  # noqa: F401  (the /moa routes are part of what `moa serve` serves)
         import uvicorn
 
         from langchain_moa.server import API_KEY_ENV, ServeLimits, create_app
