@@ -18,6 +18,9 @@ Writes JSON and PNG files to benchmarks/results/:
    (``bench_local.py``).
 5. ``placement.json`` / ``placement.png``: where the drafts go, aggregator time to first
    token on the embedded model (``bench_placement.py``).
+7. ``serve.json``: ``moa serve``'s OpenAI route under 500 requests at concurrency 50 against
+   ``ChatMoA.abatch`` in-process; p99, RSS over two runs, clients hanging up
+   (``bench_serve.py``).
 6. ``pipeline.json`` / ``pipeline.png``: ``moa generate`` over 2,000 rows at concurrency 64
    against a hand-written asyncio loop making the same calls; rows/s over time and RSS
    (``bench_pipeline.py``).
@@ -401,6 +404,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run([sys.executable, str(HERE / "bench_chat_moa.py")], check=True, env=env)
     subprocess.run([sys.executable, str(HERE / "bench_pipeline.py")], check=True, env=env)
+    subprocess.run([sys.executable, str(HERE / "bench_serve.py")], check=True, env=env)
     if not args.skip_local:
         subprocess.run([sys.executable, str(HERE / "bench_local.py")], check=True, env=env)
         subprocess.run([sys.executable, str(HERE / "bench_placement.py")], check=True, env=env)
