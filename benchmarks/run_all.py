@@ -18,12 +18,12 @@ Writes JSON and PNG files to benchmarks/results/:
    (``bench_local.py``).
 5. ``placement.json`` / ``placement.png``: where the drafts go, aggregator time to first
    token on the embedded model (``bench_placement.py``).
-7. ``serve.json``: ``moa serve``'s OpenAI route under 500 requests at concurrency 50 against
-   ``ChatMoA.abatch`` in-process; p99, RSS over two runs, clients hanging up
-   (``bench_serve.py``).
 6. ``pipeline.json`` / ``pipeline.png``: ``moa generate`` over 2,000 rows at concurrency 64
    against a hand-written asyncio loop making the same calls; rows/s over time and RSS
    (``bench_pipeline.py``).
+7. ``serve.json``: ``moa serve``'s OpenAI route under 500 requests at concurrency 50 against
+   ``ChatMoA.abatch`` in-process; p99, RSS over two runs, clients hanging up
+   (``bench_serve.py``).
 """
 
 from __future__ import annotations
