@@ -25,6 +25,7 @@ import asyncio
 import base64
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -47,6 +48,7 @@ from langchain_moa.errors import MoAError
 from langchain_moa.redaction import one_line
 
 API_KEY_ENV = "MOA_SERVE_API_KEY"
+log = logging.getLogger(__name__)
 INSPECTOR_HTML = Path(__file__).with_name("inspector.html")
 
 # Routes that start MoA runs (admission control counts them).
@@ -117,12 +119,16 @@ class RequestError(Exception):
 
 
 def upstream_status(exc: BaseException) -> tuple[int, str]:
-    """A run's failure as (status, one-line message naming the failing model)."""
-    if isinstance(exc, (calls.CallError, MoAError)):
-        return 502, str(exc)
-    if isinstance(exc, ValueError):
+    """A run's failure as (status, one-line message naming the failing model); upstream
+    failures are also logged, one redacted line each, for whoever runs the server."""
+    if isinstance(exc, ValueError) and not isinstance(exc, calls.CallError):
         return 400, str(exc)
-    return 500, f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (calls.CallError, MoAError)):
+        status, text = 502, str(exc)
+    else:
+        status, text = 500, f"{type(exc).__name__}: {exc}"
+    log.warning("MoA run failed (HTTP %d): %s", status, one_line(text, 1000, whole=True))
+    return status, text
 
 
 # ------------------------------------------------------------ request parsing
@@ -316,7 +322,14 @@ class PerItemBatch(RunnableBinding):
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kw: Any) -> Any:
         async with self.limiter.slot():
-            return await self.bound.ainvoke(input, config, **kw)
+            try:
+                return await self.bound.ainvoke(input, config, **kw)
+            except (calls.CallError, MoAError, ValueError) as exc:
+                # an HTTP answer with one line, not LangServe's 500 and a logged traceback
+                from fastapi import HTTPException
+
+                status, text = upstream_status(exc)
+                raise HTTPException(status, one_line(text, 1000, whole=True)) from None
 
     async def astream(
         self, input: Any, config: RunnableConfig | None = None, **kw: Any
@@ -332,12 +345,13 @@ class PerItemBatch(RunnableBinding):
         configs = config if isinstance(config, list) else [config] * len(inputs)
 
         async def one(item: Any, cfg: Any) -> Any:
+            from fastapi import HTTPException
+
             try:
                 return await self.ainvoke(item, cfg, **kw)
-            except (calls.CallError, MoAError, ValueError) as exc:
-                status, text = upstream_status(exc)
+            except HTTPException as exc:
                 return AIMessage(content="", response_metadata={
-                    "moa_error": {"status": status, "message": one_line(text, 1000)}})  # fmt: skip
+                    "moa_error": {"status": exc.status_code, "message": exc.detail}})  # fmt: skip
 
         return list(
             await asyncio.gather(*(one(x, c) for x, c in zip(inputs, configs, strict=True)))

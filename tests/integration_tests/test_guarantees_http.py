@@ -267,7 +267,8 @@ def test_serve_log_never_shows_the_key(server: ScriptedOpenAIServer, tmp_path: P
     base, process = start_moa_serve(cfg, env={ENV_NAME: key})
     try:
         response = httpx.post(f"{base}/invoke", json={"input": "q"}, timeout=30)
-        assert response.status_code == 500 and key not in response.text
+        assert response.status_code == 502 and key not in response.text
+        assert "aggregator (reject)" in response.text  # names the failing model
     finally:
         process.terminate()
         out, err = process.communicate(timeout=30)

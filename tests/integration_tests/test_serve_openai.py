@@ -190,6 +190,13 @@ def test_errors_are_openai_error_json(served: str) -> None:
     assert upstream_failed.value.body["type"] == "upstream_error"
 
 
+def test_langserve_bad_input_is_a_400_without_traceback(served: str) -> None:
+    response = httpx.post(f"{served}/moa/invoke", json={"input": []}, timeout=30)
+    assert response.status_code == 400
+    assert "empty conversation" in response.json()["detail"]
+    # (the fixture checks the server's log for tracebacks when it stops)
+
+
 def test_remote_runnable_and_curl(served: str) -> None:
     from langserve import RemoteRunnable
 
