@@ -52,7 +52,7 @@ def build_chat_moa(args: argparse.Namespace) -> Any:
     from langchain_moa.chat_model import ChatMoA
     from langchain_moa.recipes import load_recipe
 
-    recipe = load_recipe(args.config or args.recipe)
+    recipe = load_recipe(model_source(args))
     if getattr(args, "max_tokens", None) is not None:
         recipe = recipe.with_max_tokens(args.max_tokens)
     kwargs = recipe.chat_moa_kwargs()
@@ -295,8 +295,9 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     from langchain_moa.recipes import RECIPES
 
     for name, recipe in RECIPES.items():
+        default = "default; " if name == "local" else ""
         out.print(
-            f"{name} ({recipe.layers} layers, {len(recipe.proposers)} proposers)",
+            f"{name} ({default}{recipe.layers} layers, {len(recipe.proposers)} proposers)",
             style="bold",
             markup=False,
         )
@@ -401,11 +402,30 @@ def _positive(value: str) -> int:
     return number
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{version('langchain-moa')} (langchain-moa)"
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "(langchain-moa, not installed)"
+
+
+def model_source(args: argparse.Namespace) -> str:
+    """The recipe name or config path a command builds its MoA from (one, not both)."""
+    if args.recipe and args.config:
+        raise ConfigError(
+            f"--recipe {args.recipe} and --config {args.config} both say which models to use; "
+            "pass one of them"
+        )
+    return args.config or args.recipe or "local"
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--recipe / --config / --layers, shared by every command that builds a MoA."""
-    parser.add_argument("--recipe", default="local", help="recipe name (see `moa recipes`)")
+    parser.add_argument("--recipe", help="recipe name, see `moa recipes` (default: local)")
     parser.add_argument(
-        "--config", metavar="FILE", help="TOML/YAML config file of models (overrides --recipe)"
+        "--config", metavar="FILE", help="TOML/YAML config file of models (instead of --recipe)"
     )
     parser.add_argument(
         "--layers", type=_positive, help="override the number of layers (1 = aggregator alone)"
@@ -419,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show tracebacks and debug logs (anywhere on the line)"
     )
+    parser.add_argument("--version", action="version", version=f"moa {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # `moa chat --debug` works like `moa --debug chat` (SUPPRESS: absent, the global stays)
     add_parser = sub.add_parser

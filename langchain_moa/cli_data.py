@@ -15,9 +15,10 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _recipe_models(args: argparse.Namespace) -> dict[str, Any]:
+    from langchain_moa.cli import model_source
     from langchain_moa.recipes import load_recipe
 
-    recipe = load_recipe(args.config or args.recipe)
+    recipe = load_recipe(model_source(args))
     kwargs = recipe.chat_moa_kwargs()
     if args.layers is not None:
         kwargs["layers"] = args.layers

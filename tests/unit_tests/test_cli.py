@@ -65,7 +65,7 @@ def one_error_line(captured) -> str:
 def test_parser_defaults_and_options() -> None:
     parser = cli.build_parser()
     args = parser.parse_args(["chat", "hi"])
-    assert (args.prompt, args.recipe, args.config, args.layers) == ("hi", "local", None, None)
+    assert (args.prompt, args.recipe, args.config, args.layers) == ("hi", None, None, None)
     assert not (args.show_proposals or args.json or args.verbose or args.debug)
     args = parser.parse_args(
         ["--debug", "chat", "--recipe", "together-moa", "--layers", "2", "--max-tokens", "9",
@@ -401,7 +401,7 @@ def test_serve_without_extra_says_what_to_install(monkeypatch, capsys) -> None:
 def test_recipes_lists_names_descriptions_and_models(capsys) -> None:
     assert cli.main(["recipes"]) == 0
     out = capsys.readouterr().out
-    assert "local (2 layers, 3 proposers)" in out and "Self-MoA" in out
+    assert "local (default; 2 layers, 3 proposers)" in out and "Self-MoA" in out
     assert "together-moa (3 layers" in out and "together-moa-lite (2 layers" in out
     assert "aggregator: Qwen/" in out
 
@@ -417,3 +417,26 @@ def test_pull_prints_where_the_model_is(monkeypatch, tmp_path: Path, capsys) -> 
     assert cli.main(["pull"]) == 0 and cli.main(["pull", "--force"]) == 0
     assert calls == [False, True]
     assert capsys.readouterr().out.splitlines() == [f"model ready: {target}"] * 2
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip().startswith("moa 0.")
+
+
+def test_recipe_and_config_together_are_refused(tmp_path, capsys) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[aggregator]\nprovider = "local"\n')
+    code = cli.main(["chat", "hi", "--recipe", "local", "--config", str(cfg)])
+    assert code == cli.EXIT_USER_ERROR
+    assert one_error_line(capsys.readouterr()) == (
+        f"moa: error: --recipe local and --config {cfg} both say which models to use; "
+        "pass one of them"
+    )
+
+
+def test_recipes_marks_the_default(capsys) -> None:
+    assert cli.main(["recipes"]) == 0
+    assert "local (default; 2 layers, 3 proposers)" in capsys.readouterr().out
