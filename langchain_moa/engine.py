@@ -60,6 +60,11 @@ class Proposal(BaseModel):
         return self.error is None and bool(self.answer)
 
     @property
+    def dropped(self) -> bool:
+        """A straggler: dropped when its layer closed early (see `calls.LayerClose`)."""
+        return self.error is not None and self.error.startswith("straggler:")
+
+    @property
     def label(self) -> str:
         """``proposer 2 (model)``: how messages name this proposal (1-based)."""
         return f"proposer {self.proposer + 1} ({self.model})"
@@ -71,6 +76,45 @@ class MoAResult:
 
     message: AIMessage
     layers: list[list[Proposal]] = field(default_factory=list)
+
+
+def proposal_of(result: CallResult) -> Proposal | None:
+    """The `Proposal` a finished proposer call makes; None for any other call.
+
+    For live views of the drafts (`calls.observe`): the CLI's ``--show-proposals`` and the
+    server's ``moa.draft`` events read each draft from here as soon as it is done, in the
+    same form ``response_metadata["moa"]`` records it.
+    """
+    meta = result.call.metadata
+    if "moa_proposer" not in meta:
+        return None
+    return _proposal(meta.get("moa_layer", 1), meta["moa_proposer"], result)
+
+
+def _proposal(layer: int, index: int, result: CallResult) -> Proposal:
+    if result.error is not None:
+        return Proposal(
+            layer=layer,
+            proposer=index,
+            model=result.call.model_name,
+            latency_s=result.latency_s,
+            error=result.error.reason,
+            transient=result.error.transient,
+        )
+    message = result.message
+    assert message is not None
+    name = message.response_metadata.get("model_name") or result.call.model_name
+    answer = message.text.strip()
+    return Proposal(
+        layer=layer,
+        proposer=index,
+        model=str(name),
+        answer=answer or None,
+        usage=dict(message.usage_metadata) if message.usage_metadata else None,
+        latency_s=result.latency_s,
+        error=None if answer else "empty answer",
+        transient=None if answer else True,
+    )
 
 
 def answers_of(proposals: Sequence[Proposal]) -> list[str]:
@@ -370,29 +414,7 @@ class MoAEngine:
 
     def proposal(self, layer: int, index: int, result: CallResult) -> Proposal:
         """A `Proposal` from one proposer call's result (failures and empty answers kept)."""
-        if result.error is not None:
-            return Proposal(
-                layer=layer,
-                proposer=index,
-                model=result.call.model_name,
-                latency_s=result.latency_s,
-                error=result.error.reason,
-                transient=result.error.transient,
-            )
-        message = result.message
-        assert message is not None
-        name = message.response_metadata.get("model_name") or result.call.model_name
-        answer = message.text.strip()
-        return Proposal(
-            layer=layer,
-            proposer=index,
-            model=str(name),
-            answer=answer or None,
-            usage=dict(message.usage_metadata) if message.usage_metadata else None,
-            latency_s=result.latency_s,
-            error=None if answer else "empty answer",
-            transient=None if answer else True,
-        )
+        return _proposal(layer, index, result)
 
     # ------------------------------------------------------------------ proposers
     def _layer_calls(
@@ -646,6 +668,7 @@ __all__ = [
     "EarlyStop",
     "agreement",
     "answers_of",
+    "proposal_of",
     "early_stop_predicate",
     "normalize_answer",
     "final_response_metadata",

@@ -44,6 +44,7 @@ from langchain_core.runnables import RunnableBinding, RunnableConfig
 
 from langchain_moa import calls
 from langchain_moa.calls import CallResult
+from langchain_moa.engine import proposal_of
 from langchain_moa.errors import MoAError
 from langchain_moa.redaction import one_line
 
@@ -192,21 +193,19 @@ def completion_body(message: AIMessage, model: str, drafts: bool) -> dict[str, A
 
 def draft_event(result: CallResult) -> dict[str, Any] | None:
     """A proposer's finished call as a ``moa.draft`` event (None for other calls)."""
-    meta = result.call.metadata
-    if "moa_proposer" not in meta:
+    proposal = proposal_of(result)
+    if proposal is None:
         return None
-    error = result.error
-    usage = result.usage or {}
     return {
         "object": "moa.draft",
-        "layer": meta.get("moa_layer"),
-        "proposer": meta["moa_proposer"] + 1,  # 1-based, as people count
-        "model": result.call.model_name,
-        "latency_s": round(result.latency_s, 3),
-        "tokens": usage.get("output_tokens"),
-        "answer": result.message.text if result.message is not None else None,
-        "error": error.reason if error is not None else None,
-        "dropped": bool(error is not None and error.error_type == "Straggler"),
+        "layer": proposal.layer,
+        "proposer": proposal.proposer + 1,  # 1-based, as people count
+        "model": proposal.model,
+        "latency_s": round(proposal.latency_s, 3),
+        "tokens": (proposal.usage or {}).get("output_tokens"),
+        "answer": proposal.answer,
+        "error": proposal.error,
+        "dropped": proposal.dropped,
     }
 
 
