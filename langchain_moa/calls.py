@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import math
 import threading
 import time
@@ -36,7 +37,7 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata, add_usage
-from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langgraph.errors import GraphBubbleUp
 
 from langchain_moa.models import model_label
@@ -286,6 +287,11 @@ class ModelCall:
     def model_name(self) -> str:
         return model_label(self.model)
 
+    @functools.cached_property
+    def runnable(self) -> Runnable:
+        """What is called: `model`, asking for token usage on streams where it can."""
+        return with_stream_usage(self.model)
+
     @property
     def tags(self) -> list[str]:
         return [f"moa:{self.kind}", NOSTREAM] if self.hidden else [f"moa:{self.kind}"]
@@ -311,6 +317,28 @@ class ModelCall:
         ):
             options["timeout"] = max(remaining, 0.001)
         return options
+
+
+def with_stream_usage(model: Runnable) -> Runnable:
+    """`model`, reporting token usage when it streams, if it can and was not told not to.
+
+    OpenAI-compatible models (``ChatOpenAI`` and others with a ``stream_usage`` field) send
+    no usage on a stream unless asked, and ``ChatOpenAI`` asks by itself only for OpenAI's
+    own endpoint. Every stream the package makes, and every ``invoke`` that LangChain turns
+    into a stream (a graph streaming messages), would then miss those tokens. A user's
+    explicit ``stream_usage=False`` is kept (some servers refuse ``stream_options``). The
+    copy is shallow (about 5 us): it shares the model's HTTP clients.
+    """
+    if isinstance(model, RunnableBinding):
+        inner = with_stream_usage(model.bound)
+        return model if inner is model.bound else model.model_copy(update={"bound": inner})
+    if (
+        "stream_usage" not in getattr(type(model), "model_fields", {})
+        or getattr(model, "stream_usage", None) is True
+        or "stream_usage" in model.model_fields_set  # type: ignore[attr-defined]
+    ):
+        return model
+    return model.model_copy(update={"stream_usage": True})  # type: ignore[attr-defined]
 
 
 def _takes_request_timeout(model: Any) -> bool:
@@ -419,7 +447,7 @@ class _Worker:
 def _invoke_inline(
     call: ModelCall, config: RunnableConfig | None, remaining: float | None
 ) -> AIMessage:
-    return call.model.invoke(list(call.messages), call.config(config), **call.kwargs(remaining))
+    return call.runnable.invoke(list(call.messages), call.config(config), **call.kwargs(remaining))
 
 
 def _settle(worker: _Worker, now: float) -> CallResult:
@@ -541,7 +569,7 @@ def stream(call: ModelCall, config: RunnableConfig | None = None) -> Iterator[AI
     attempt, started = 0, False
     while True:
         begun = time.perf_counter()
-        iterator = call.model.stream(
+        iterator = call.runnable.stream(
             list(call.messages), call.config(config), **call.kwargs(call.timeout)
         )
         try:
@@ -571,7 +599,7 @@ def stream(call: ModelCall, config: RunnableConfig | None = None) -> Iterator[AI
 
 
 async def _ainvoke_inline(call: ModelCall, config: RunnableConfig | None) -> AIMessage:
-    return await call.model.ainvoke(
+    return await call.runnable.ainvoke(
         list(call.messages), call.config(config), **call.kwargs(call.timeout)
     )
 
@@ -689,7 +717,7 @@ async def astream(
     attempt, started = 0, False
     while True:
         begun = time.perf_counter()
-        iterator = call.model.astream(
+        iterator = call.runnable.astream(
             list(call.messages), call.config(config), **call.kwargs(call.timeout)
         )
         try:

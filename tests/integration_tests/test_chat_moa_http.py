@@ -180,3 +180,63 @@ def test_api_key_is_not_recorded_or_leaked(server: ScriptedOpenAIServer) -> None
     assert API_KEY not in repr(server.requests)
     assert API_KEY not in repr(moa)
     assert API_KEY not in str(result)
+
+
+def _plain_client(server: ScriptedOpenAIServer, model: str, **kwargs):
+    """A ChatOpenAI as users build it for a third-party endpoint: no stream_usage given."""
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(
+        model=model, base_url=server.base_url, api_key=API_KEY, max_retries=0, **kwargs
+    )
+
+
+@pytest.mark.parametrize("how", ["stream", "astream", "graph_messages"])
+async def test_streamed_usage_counts_the_aggregator_like_invoke(
+    server: ScriptedOpenAIServer, how: str
+) -> None:
+    """ChatOpenAI streams no usage to a custom base_url unless asked: the call layer asks."""
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    from langchain_moa import build_moa_graph
+
+    proposers = [_plain_client(server, n) for n in ("p1", "p2")]
+    aggregator = _plain_client(server, "agg")
+    assert aggregator.stream_usage is None  # the default that used to lose the tokens
+    moa = ChatMoA(proposers=proposers, aggregator=aggregator, aggregator_prompt=INSTR)
+    expected = moa.invoke("Why is the sky blue?").usage_metadata
+    server.reset()
+    if how == "stream":
+        merged = None
+        for chunk in moa.stream("Why is the sky blue?"):
+            merged = chunk if merged is None else merged + chunk
+        usage = merged.usage_metadata
+    elif how == "astream":
+        merged = None
+        async for chunk in moa.astream("Why is the sky blue?"):
+            merged = chunk if merged is None else merged + chunk
+        usage = merged.usage_metadata
+    else:  # the graph's aggregator is invoked; LangGraph makes it stream for "messages"
+        builder = StateGraph(MessagesState)
+        builder.add_node("moa", build_moa_graph(proposers, aggregator, aggregator_prompt=INSTR))
+        builder.add_edge(START, "moa")
+        app = builder.compile()
+        inputs = {"messages": [("user", "Why is the sky blue?")]}
+        list(app.stream(inputs, stream_mode="messages", subgraphs=True))
+        usage = app.invoke(inputs)["messages"][-1].usage_metadata
+        (streamed,) = [r for r in server.requests_for("agg") if r.stream]
+        assert streamed.body["stream_options"] == {"include_usage": True}
+    assert usage == expected
+    agg_requests = server.requests_for("agg")
+    assert agg_requests and all(
+        r.body.get("stream_options") == {"include_usage": True} for r in agg_requests if r.stream
+    )
+
+
+def test_an_explicit_stream_usage_false_is_respected(server: ScriptedOpenAIServer) -> None:
+    """Some servers refuse stream_options: a user who said no is not overruled."""
+    aggregator = _plain_client(server, "agg", stream_usage=False)
+    moa = ChatMoA(proposers=[_plain_client(server, "p1")], aggregator=aggregator)
+    list(moa.stream("hi"))
+    (request,) = server.requests_for("agg")
+    assert request.stream and "stream_options" not in request.body

@@ -352,3 +352,26 @@ async def test_observe_sees_every_attempt_on_every_path(how: str) -> None:
     seen.clear()
     await run(moa, "q", how)
     assert seen == []  # outside the context nothing is reported
+
+
+def test_with_stream_usage_asks_openai_compatible_models_unless_told_not_to() -> None:
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from langchain_openai import ChatOpenAI
+
+    from langchain_moa.calls import with_stream_usage
+
+    def client(**kwargs):
+        return ChatOpenAI(model="m", base_url="http://127.0.0.1:9/v1", api_key="k", **kwargs)
+
+    plain = client()
+    asked = with_stream_usage(plain)
+    assert asked.stream_usage is True and plain.stream_usage is None  # a copy, not mutated
+    assert asked.root_client is plain.root_client  # same HTTP client
+    bound = with_stream_usage(plain.bind_tools([{"type": "function", "function": {"name": "f"}}]))
+    assert bound.bound.stream_usage is True and bound.kwargs["tools"]
+    refused = client(stream_usage=False)
+    assert with_stream_usage(refused) is refused
+    already = client(stream_usage=True)
+    assert with_stream_usage(already) is already
+    fake = FakeListChatModel(responses=["x"])
+    assert with_stream_usage(fake) is fake
