@@ -16,9 +16,11 @@ Output contract, so the CLI composes with pipes and scripts:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -32,7 +34,6 @@ from langchain_moa.redaction import (
     install_log_redaction,
     one_line,
     register_secrets,
-    run_error_line,
 )
 
 EXIT_OK = 0
@@ -48,7 +49,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def build_chat_moa(args: argparse.Namespace) -> Any:
-    """ChatMoA from --config/--recipe with --layers and --max-tokens applied."""
+    """ChatMoA from --config/--recipe with --layers, --max-tokens and --temperature applied."""
     from langchain_moa.chat_model import ChatMoA
     from langchain_moa.recipes import load_recipe
 
@@ -58,6 +59,8 @@ def build_chat_moa(args: argparse.Namespace) -> Any:
     kwargs = recipe.chat_moa_kwargs()
     if getattr(args, "layers", None) is not None:
         kwargs["layers"] = args.layers
+    if getattr(args, "temperature", None) is not None:
+        kwargs["temperature"] = args.temperature  # the aggregator's; proposers keep theirs
     return ChatMoA(**kwargs)
 
 
@@ -65,101 +68,160 @@ def build_chat_moa(args: argparse.Namespace) -> Any:
 
 
 class _Spinner:
-    """A transient spinner on stderr while the proposers draft (terminal only).
+    """A transient spinner on stderr while the models work (terminal only).
 
-    Rich's own ``Console.status`` replaces ``sys.stdout`` with a proxy into the stderr
-    console while it runs. Rich consoles see through the proxy, but a plain ``print`` or
-    ``sys.stdout.write`` made meanwhile (ours, or a library's) would move from a piped stdout
-    to stderr. Here stdout is redirected only when it is the terminal too (then printing
-    above the spinner keeps the screen clean); a piped stdout is never touched.
+    It never redirects stdout (Rich's ``redirect_stdout`` would move a plain ``print`` from a
+    piped stdout to stderr, and swallows blank lines): instead everything the CLI prints
+    while a spinner may be up goes through `_TurnView`, which stops and clears the spinner
+    first. It can be started again after (``start``/``stop`` pair up any number of times),
+    and its text changed while it runs (``update``).
     """
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str = "") -> None:
+        self._text = text
         self._live: Any = None
-        if err.is_terminal:
-            from rich.live import Live
-            from rich.spinner import Spinner
+        self._spinner: Any = None
 
-            self._live = Live(
-                Spinner("dots", text=text, style="status.spinner"),
-                console=err,
-                transient=True,
-                refresh_per_second=12.5,
-                redirect_stdout=out.is_terminal,
-                redirect_stderr=False,
-            )
+    def start(self, text: str | None = None) -> None:
+        if text is not None:
+            self._text = text
+        if self._live is not None or not err.is_terminal:
+            return
+        from rich.live import Live
+        from rich.spinner import Spinner
 
-    def __enter__(self) -> _Spinner:
-        if self._live is not None:
-            self._live.start()
-        return self
+        self._spinner = Spinner("dots", text=self._text, style="status.spinner")
+        self._live = Live(
+            self._spinner,
+            console=err,
+            transient=True,
+            refresh_per_second=12.5,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self._live.start()
+
+    def update(self, text: str) -> None:
+        self._text = text
+        if self._spinner is not None:
+            self._spinner.update(text=text)
 
     def stop(self) -> None:
-        live, self._live = self._live, None
+        """Stop and erase the spinner line (a no-op when it is not running)."""
+        live, self._live, self._spinner = self._live, None, None
         if live is not None:
             live.stop()
+
+    def __enter__(self) -> _Spinner:
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def _draft_printer(console: Console) -> Any:
-    """A tracer printing each proposer's draft on `console` as soon as it is done.
+class _TurnView:
+    """What one chat turn shows, in order: spinner, drafts, then the streamed answer.
 
-    Drafts are printed live (they reach us as child runs of ChatMoA) rather than from
-    ``response_metadata["moa"]``, which only arrives with the last streamed chunk: that way
-    they appear before the answer starts streaming. The label uses the model name the
-    server reported, like the metadata does.
+    Drafts come from the package's call observer (`calls.observe` + `engine.proposal_of`):
+    each is printed the moment its call finishes, before the aggregator starts. The
+    observer may run on worker threads (sync path) or in the event loop (async path), so
+    every write goes through one lock, and the spinner is stopped and erased before
+    anything is printed (then started again below it while the others are still working).
+    Drafts that finish after the answer started (stragglers of a closed layer) are not
+    printed: they would land in the middle of the answer.
     """
-    from langchain_core.tracers.base import BaseTracer
 
-    lock = threading.Lock()
+    def __init__(self, moa: Any, args: argparse.Namespace) -> None:
+        self._lock = threading.Lock()
+        self._spinner = _Spinner()
+        self._drafts: Console | None = None
+        if args.show_proposals:
+            # --json: stdout is JSON only; the human-readable drafts go to stderr.
+            self._drafts = err if args.json else out
+        self._json = bool(args.json)
+        n_proposers = len(getattr(moa, "proposers", ()) or ())
+        layers = getattr(moa, "layers", 2) or 1
+        self._total = n_proposers * max(layers - 1, 0)
+        self._done: set[tuple[int, int]] = set()
+        self.answering = False
+        self.closed = False
+        self.answer_text = ""
 
-    def label(run: Any) -> tuple[str, int]:
-        metadata = run.extra.get("metadata", {})
-        return f"proposer {metadata.get('moa_proposer', 0) + 1}", metadata.get("moa_layer", 1)
+    def _status(self) -> str:
+        done = min(len(self._done), self._total)
+        if done >= self._total:
+            return "the aggregator is writing the answer..."
+        return f"proposers are drafting... ({done} of {self._total} drafts done)"
 
-    class DraftPrinter(BaseTracer):
-        def _persist_run(self, run: Any) -> None:
-            pass
+    def begin(self) -> None:
+        with self._lock:
+            self._spinner.start(self._status())
 
-        def _on_llm_end(self, run: Any) -> None:
-            if "moa:proposer" not in (run.tags or []):
+    def on_call(self, result: Any) -> None:
+        """`calls.observe` callback: count the draft, print it with --show-proposals."""
+        from langchain_moa.engine import proposal_of
+
+        proposal = proposal_of(result)
+        if proposal is None:
+            return
+        with self._lock:
+            if self.answering or self.closed:
                 return
-            who, layer = label(run)
-            generation = (run.outputs or {}).get("generations", [[{}]])[0][0]
-            text = (generation.get("text") or "").strip()
-            message = generation.get("message") or {}
-            served = (
-                (message.get("kwargs", {}) if isinstance(message, dict) else {})
-                .get("response_metadata", {})
-                .get("model_name")
-            )
-            model = served or run.extra.get("metadata", {}).get("ls_model_name") or run.name
-            with lock:
-                console.print(f"{who} ({model}) [layer {layer}]:", style="bold cyan", markup=False)
-                console.print(text or "(empty answer: left out)", style="dim", markup=False)
-                console.print()
-
-        def _on_llm_error(self, run: Any) -> None:
-            if "moa:proposer" not in (run.tags or []):
+            self._done.add((proposal.layer, proposal.proposer))
+            if self._drafts is None:
+                self._spinner.update(self._status())
                 return
-            who, layer = label(run)
-            with lock:
-                console.print(
-                    f"{who} [layer {layer}] failed: {run_error_line(run.error)}",
-                    style="bold red",
-                    markup=False,
-                )
+            self._spinner.stop()
+            self._print_draft(self._drafts, proposal)
+            self._spinner.start(self._status())
 
-    return DraftPrinter()
+    @staticmethod
+    def _print_draft(console: Console, p: Any) -> None:
+        head = f"{p.label} [layer {p.layer}]"
+        if p.ok:
+            console.print(f"{head}:", style="bold cyan", markup=False)
+            console.print(p.answer, style="dim", markup=False)
+        elif p.error == "empty answer":
+            console.print(f"{head}:", style="bold cyan", markup=False)
+            console.print("(empty answer: left out)", style="dim", markup=False)
+        elif p.dropped:
+            console.print(f"{head} left out: {p.error}", style="yellow", markup=False)
+        else:
+            console.print(f"{head} failed: {p.error}", style="bold red", markup=False)
+        console.print()  # a blank line between drafts, and before the answer
+
+    def answer_starts(self) -> None:
+        with self._lock:
+            self._spinner.stop()
+            self.answering = True
+            if self._drafts is out:
+                out.print("answer:", style="bold green", markup=False)
+
+    def write(self, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.answer_text += text
+
+    def close(self) -> None:
+        """Stop the spinner; end a partly streamed answer's line (cancelled turns)."""
+        with self._lock:
+            self._spinner.stop()
+            self.closed = True
+            if self.answering and not self._json:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+                self.answering = False
 
 
 def _message_json(message: Any, turn: int, sent: list[Any]) -> str:
     """One JSON line per turn: the final message, its metadata, and what was sent.
 
     ``input_messages`` (the conversation the MoA received) makes multi-turn runs checkable
-    by scripts: turn N's input holds every earlier question and final answer.
+    by scripts: turn N's input holds every earlier question and final answer. Drafts are
+    in ``response_metadata.moa.layers``, where ``proposer`` is the 0-based index into the
+    proposers list (people-facing text says "proposer N", counting from 1).
     """
     payload = {
         "turn": turn,
@@ -196,65 +258,218 @@ def _report_usage(message: Any) -> None:
             )
     agg = meta.get("aggregator")
     if agg:
+        tokens = (agg.get("usage") or {}).get("output_tokens")
+        extra = f", {tokens} tokens" if tokens is not None else ""
+        finish = message.response_metadata.get("finish_reason")
         err.print(
             f"  aggregator ({agg['model']}) [layer {len(meta.get('layers', [])) + 1}]: "
-            f"{agg['latency_s']:.2f} s",
+            f"{agg['latency_s']:.2f} s{extra}" + (f", finish_reason {finish}" if finish else ""),
             style="dim",
             markup=False,
         )
 
 
+def _cut_off_hint(message: Any, args: argparse.Namespace) -> None:
+    """One line on stderr when the answer stopped at the token limit, naming --max-tokens."""
+    if message is None or message.response_metadata.get("finish_reason") != "length":
+        return
+    agg = message.response_metadata.get("moa", {}).get("aggregator") or {}
+    limit = args.max_tokens or (agg.get("usage") or {}).get("output_tokens")
+    at = f" ({limit} tokens)" if limit else ""
+    more = max(2 * limit, 256) if limit else "N"
+    err.print(
+        f"moa: the answer was cut off at the token limit{at}; pass --max-tokens {more} "
+        "for longer answers",
+        style="yellow",
+        markup=False,
+    )
+
+
+class TurnCancelled(Exception):
+    """Ctrl-C during a turn: the turn was cancelled, its calls closed."""
+
+
+class _ChatSession:
+    """Runs turns on ONE event loop for the whole session.
+
+    ChatOpenAI's async HTTP client is bound to the first event loop that used it, so a
+    loop per turn (``asyncio.run`` each time) would break the second turn. The async path
+    is used because cancelling it closes the HTTP connections: the local llama.cpp server
+    then stops decoding the abandoned answers, where sync worker threads would run on and
+    keep its slots busy.
+
+    During a turn, Ctrl-C cancels the turn's task (`TurnCancelled`); a second Ctrl-C
+    while it is being cancelled interrupts for real (KeyboardInterrupt).
+    """
+
+    def __init__(self, moa: Any, args: argparse.Namespace) -> None:
+        self.moa = moa
+        self.args = args
+        self.loop = asyncio.new_event_loop()
+
+    def close(self) -> None:
+        loop = self.loop
+        try:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.wait(pending, timeout=2))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        except BaseException:  # pragma: no cover - best effort at exit
+            pass
+        finally:
+            loop.close()
+
+    def ask(self, history: list[Any], turn: int) -> Any:
+        """One turn: stream the answer (or print JSON); returns the final message."""
+        view = _TurnView(self.moa, self.args)
+        task = self.loop.create_task(self._turn(history, turn, view))
+        restore = self._cancel_on_sigint(task)
+        try:
+            return self.loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            raise TurnCancelled from None
+        finally:
+            restore()
+            view.close()
+
+    def _cancel_on_sigint(self, task: asyncio.Task) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        presses = 0
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            nonlocal presses
+            presses += 1
+            if presses > 1:
+                raise KeyboardInterrupt
+            self.loop.call_soon_threadsafe(task.cancel)
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        return lambda: signal.signal(signal.SIGINT, previous)
+
+    async def _turn(self, history: list[Any], turn: int, view: _TurnView) -> Any:
+        from langchain_moa import calls
+
+        with calls.observe(view.on_call):
+            view.begin()
+            if self.args.json:
+                message = await self.moa.ainvoke(history)
+                view.close()
+                print(_message_json(message, turn, history), flush=True)
+                return message
+            merged = None
+            async for chunk in self.moa.astream(history):
+                if merged is None:
+                    view.answer_starts()
+                if isinstance(chunk.content, str):
+                    view.write(chunk.content)
+                merged = chunk if merged is None else merged + chunk
+            if merged is None:  # pragma: no cover - a stream always has a chunk
+                view.answer_starts()
+            view.close()
+            return merged
+
+
 def answer(moa: Any, history: list, args: argparse.Namespace, turn: int) -> Any:
-    """One MoA turn: stream to stdout (or print JSON); returns the final message."""
-    config: dict[str, Any] = {}
-    if args.show_proposals:
-        # with --json, stdout must stay one JSON document per line: drafts go to stderr
-        config["callbacks"] = [_draft_printer(err if args.json else out)]
-    with _Spinner("proposers are drafting...") as spinner:
-        if args.json:
-            message = moa.invoke(history, config)
-            spinner.stop()
-            print(_message_json(message, turn, history), flush=True)
-            return message
-        merged = None
-        for chunk in moa.stream(history, config):
-            if merged is None:
-                spinner.stop()
-                if args.show_proposals:
-                    out.print("answer:", style="bold green")
-            if isinstance(chunk.content, str) and chunk.content:
-                sys.stdout.write(chunk.content)
-                sys.stdout.flush()
-            merged = chunk if merged is None else merged + chunk
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        return merged
+    """One MoA turn on a fresh session (for scripts and tests; the CLI keeps one session)."""
+    session = _ChatSession(moa, args)
+    try:
+        return session.ask(history, turn)
+    finally:
+        session.close()
+
+
+def _after_turn(message: Any, args: argparse.Namespace) -> None:
+    _cut_off_hint(message, args)
+    if args.verbose:
+        _report_usage(message)
+
+
+class _LineReader:
+    """Reads the user's lines: readline editing and history at a terminal, plain lines else.
+
+    ``printf 'q1\\nq2\\n' | moa chat`` is a scripted chat (no prompt). At a terminal the
+    standard library's `readline` (when importable) gives line editing, and the arrow keys
+    recall earlier lines of this session (kept in memory only, never written to disk).
+    """
+
+    PROMPT = "you> "
+
+    def __init__(self) -> None:
+        self.interactive = sys.stdin.isatty()
+        self.readline: Any = None
+        if self.interactive and sys.stdout.isatty():
+            try:
+                import readline
+            except ImportError:  # pragma: no cover - e.g. Windows without pyreadline
+                readline = None  # type: ignore[assignment]
+            self.readline = readline
+
+    def read(self) -> str | None:
+        """The next line, or None at the end of input (Ctrl-D). Ctrl-C propagates."""
+        if self.readline is not None:
+            color = err.is_terminal and not os.environ.get("NO_COLOR")
+            # \001 and \002 tell readline the escape codes take no room on the line
+            prompt = f"\001\x1b[1;32m\002{self.PROMPT}\001\x1b[0m\002" if color else self.PROMPT
+            try:
+                return input(prompt)
+            except EOFError:
+                err.print()
+                return None
+        if self.interactive:
+            err.print(self.PROMPT, end="", style="bold green", markup=False)
+        line = sys.stdin.readline()
+        return line if line else None
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """One question (streamed), or an interactive chat keeping the whole history."""
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
+    check_chat_flags(args)
     moa = build_chat_moa(args)
     history: list[Any] = [SystemMessage(args.system)] if args.system else []
-    if args.prompt is not None:
-        if not args.prompt.strip():
-            raise ConfigError("the prompt is empty; pass a question, or none for a chat")
-        history.append(HumanMessage(args.prompt))
-        message = answer(moa, history, args, 1)
-        if args.verbose:
-            _report_usage(message)
-        return EXIT_OK
-    # Lines, not a TTY-only prompt: `printf 'q1\nq2\n' | moa chat` is a scripted chat.
-    interactive = sys.stdin.isatty()
+    session = _ChatSession(moa, args)
+    try:
+        if args.prompt is not None:
+            if not args.prompt.strip():
+                raise ConfigError("the prompt is empty; pass a question, or none for a chat")
+            history.append(HumanMessage(args.prompt))
+            try:
+                message = session.ask(history, 1)
+            except TurnCancelled:
+                raise KeyboardInterrupt from None
+            _after_turn(message, args)
+            return EXIT_OK
+        return _chat_loop(session, history, args, AIMessage, HumanMessage)
+    finally:
+        session.close()
+
+
+def _chat_loop(
+    session: _ChatSession, history: list[Any], args: argparse.Namespace, ai: Any, human: Any
+) -> int:
+    reader = _LineReader()
+    interactive = reader.interactive
     if interactive:
-        err.print("MoA chat: type a message; Ctrl-D, 'exit' or 'quit' to leave.", style="dim")
+        err.print(
+            "MoA chat: type a message; Ctrl-C cancels an answer; Ctrl-D, 'exit' or 'quit' "
+            "to leave.",
+            style="dim",
+            markup=False,
+        )
     turn = 0
     while True:
-        if interactive:
-            err.print("you> ", end="", style="bold green")
-        line = sys.stdin.readline()
-        if not line:
+        try:
+            line = reader.read()
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            err.print()  # Ctrl-C at the prompt: a fresh prompt
+            continue
+        if line is None:
             break
         text = line.strip()
         if not text:
@@ -262,10 +477,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if text.lower() in ("exit", "quit"):
             break
         turn += 1
-        history.append(HumanMessage(text))
+        history.append(human(text))
         try:
-            message = answer(moa, history, args, turn)
-        except Exception as exc:  # MoAError, provider errors (Ctrl-C still ends the chat)
+            message = session.ask(history, turn)
+        except TurnCancelled:
+            history.pop()  # the unanswered question leaves the history
+            turn -= 1
+            if not interactive:
+                raise KeyboardInterrupt from None
+            err.print("(cancelled)", style="yellow", markup=False)
+            continue
+        except Exception as exc:  # MoAError, provider errors
             if not interactive or args.debug:
                 raise
             # At a terminal a failed turn should not end the conversation: drop the
@@ -274,10 +496,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
             turn -= 1
             err.print(f"moa: error: {_one_line(exc)}", style="red", markup=False)
             continue
-        history.append(AIMessage(content=message.content))
-        if args.verbose:
-            _report_usage(message)
+        history.append(ai(content=message.content))
+        _after_turn(message, args)
     return EXIT_OK
+
+
+def check_chat_flags(args: argparse.Namespace) -> None:
+    """Refuse flag combinations where one would silently lose (one line, exit 2)."""
+    if args.show_proposals and args.layers == 1:
+        raise ConfigError(
+            "--show-proposals with --layers 1: a 1-layer MoA has no drafts (the aggregator "
+            "answers alone); use --layers 2 or more, or leave out --show-proposals"
+        )
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -341,6 +571,8 @@ def served_models(args: argparse.Namespace) -> dict[str, Any]:
         kwargs = recipe.chat_moa_kwargs()
         if args.layers is not None:
             kwargs["layers"] = args.layers
+        if getattr(args, "temperature", None) is not None:
+            kwargs["temperature"] = args.temperature
         if recipe.name in models:
             raise ConfigError(
                 f"two served MoAs are both named {recipe.name!r}; give one a different "
@@ -402,6 +634,16 @@ def _positive(value: str) -> int:
     return number
 
 
+def _temperature(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0 <= number <= 2:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2, got {value}")
+    return number
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -423,13 +665,17 @@ def model_source(args: argparse.Namespace) -> str:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--recipe / --config / --layers, shared by every command that builds a MoA."""
-    parser.add_argument("--recipe", help="recipe name, see `moa recipes` (default: local)")
     parser.add_argument(
-        "--config", metavar="FILE", help="TOML/YAML config file of models (instead of --recipe)"
+        "--recipe", metavar="NAME", help="recipe name, see `moa recipes` (default: local)"
     )
     parser.add_argument(
-        "--layers", type=_positive, help="override the number of layers (1 = aggregator alone)"
-    )
+        "--config", metavar="FILE",
+        help="TOML/YAML config file of models, instead of --recipe (default: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--layers", type=_positive, metavar="N",
+        help="number of layers, 1 = the aggregator alone (default: the recipe's; local: 2)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -441,13 +687,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"moa {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # `moa chat --debug` works like `moa --debug chat` (SUPPRESS: absent, the global stays)
+    # `moa chat --debug` works like `moa --debug chat` (SUPPRESS: absent, the global stays),
+    # and `moa chat --version` like `moa --version`: global flags work where people type them.
     add_parser = sub.add_parser
 
     def add_command(*args: Any, **kwargs: Any) -> argparse.ArgumentParser:
         command = add_parser(*args, **kwargs)
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+        command.add_argument(
+            "--version", action="version", version=f"moa {_version()}", help=argparse.SUPPRESS
         )
         return command
 
@@ -457,24 +707,35 @@ def build_parser() -> argparse.ArgumentParser:
         "chat",
         help="chat with a MoA (one prompt, or interactive)",
         description="Stream a MoA answer. Without PROMPT: an interactive chat keeping the "
-        "history, reading lines from stdin (a pipe works); Ctrl-D, 'exit' or 'quit' leaves.",
+        "history, reading lines from stdin (a pipe works); at a terminal the arrow keys edit "
+        "and recall lines, Ctrl-C cancels the answer being written (the question is dropped), "
+        "and Ctrl-D, 'exit' or 'quit' leaves.",
     )
     chat.add_argument("prompt", nargs="?", help="the question; omit for an interactive chat")
     add_model_options(chat)
     chat.add_argument(
-        "--max-tokens", type=_positive, metavar="N", help="cap every model's answer at N tokens"
-    )
-    chat.add_argument("--system", help="a system message for the conversation")
+        "--max-tokens", type=_positive, metavar="N",
+        help="cap every model's answer (drafts and the final answer) at N tokens (default: "
+        "the recipe's caps; local: 320 per draft, 400 for the answer)",
+    )  # fmt: skip
+    chat.add_argument(
+        "--temperature", type=_temperature, metavar="T",
+        help="the aggregator's sampling temperature; proposers keep theirs (default: the "
+        "recipe's; local: 0.3)",
+    )  # fmt: skip
+    chat.add_argument("--system", metavar="TEXT", help="a system message (default: none)")
     chat.add_argument(
         "--show-proposals",
         action="store_true",
-        help="print each draft as soon as it is done, labelled 'proposer i (model) [layer k]:', "
-        "before the answer (on stderr with --json)",
+        help="print each draft as soon as it is done, labelled 'proposer N (model) [layer k]:' "
+        "(N from 1), before the answer; with --json the drafts go to stderr, stdout stays JSON",
     )
     chat.add_argument(
         "--json",
         action="store_true",
-        help="print the full final message with metadata as one JSON line per turn",
+        help="print only JSON on stdout: one line per turn with the final message, usage and "
+        "metadata; the drafts are in response_metadata.moa.layers, where 'proposer' is the "
+        "0-based index into the proposers list (text output says 'proposer N' from 1)",
     )
     chat.add_argument(
         "--verbose",
@@ -484,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     pull = sub.add_parser("pull", help="download the bundled local model (SmolLM2-135M)")
-    pull.add_argument("--force", action="store_true", help="download again")
+    pull.add_argument("--force", action="store_true", help="download again even if cached")
     pull.set_defaults(func=cmd_pull)
 
     recipes = sub.add_parser("recipes", help="list the shipped recipes")
@@ -499,15 +760,26 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument(
         "--config", action="append", metavar="FILE",
-        help="serve this config file as a model named by its 'name' (repeatable)",
+        help="serve this config file as a model named by its 'name' (repeatable; default: none)",
     )  # fmt: skip
-    serve.add_argument("--layers", type=_positive, help="override every MoA's number of layers")
-    serve.add_argument("--max-tokens", type=_positive, metavar="N", help="cap every answer")
+    serve.add_argument(
+        "--layers", type=_positive, metavar="N",
+        help="every MoA's number of layers (default: each recipe's)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-tokens", type=_positive, metavar="N",
+        help="cap every model's answer at N tokens (default: each recipe's caps)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--temperature", type=_temperature, metavar="T",
+        help="the aggregators' temperature when a request sets none (default: each recipe's)",
+    )  # fmt: skip
     serve.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument(
         "--allow-public", action="store_true",
-        help="serve a non-loopback host without MOA_SERVE_API_KEY (anyone may use it)",
+        help="serve a non-loopback host without MOA_SERVE_API_KEY, so anyone may use it "
+        "(default: refused)",
     )  # fmt: skip
     serve.add_argument("--max-body-bytes", type=_positive, default=1_000_000,
                        help="largest request body (default: 1000000)")  # fmt: skip

@@ -185,7 +185,7 @@ def test_show_proposals_reports_a_failed_draft(monkeypatch, capsys) -> None:
     assert cli.main(["chat", "--show-proposals", "q"]) == 0
     out = capsys.readouterr().out
     assert (
-        "proposer 2 [layer 1] failed: RuntimeError: scripted failure\n" in out
+        "proposer 2 (bad) [layer 1] failed: RuntimeError: scripted failure\n\n" in out
         and out.rstrip().endswith("done")
     )
 
