@@ -16,8 +16,8 @@ block that must stay Python without running, is an HTML comment on the line righ
 its fence: ``<!-- not-run: reason -->``; those are reported as skipped with the reason,
 and `test_not_run_blocks_are_rare` counts them.
 
-TOML config examples in the docs that describe a whole MoA (they have an ``[aggregator]``
-table) are loaded with the package's own config loader, so they cannot rot either.
+TOML and YAML config examples that describe a whole MoA (they have an aggregator table)
+are validated by the package's own config loader, so they cannot rot either.
 """
 
 from __future__ import annotations
@@ -92,7 +92,12 @@ def blocks(path: Path) -> list[Block]:
 
 ALL_BLOCKS = [b for path in DOC_FILES for b in blocks(path)]
 PYTHON_BLOCKS = [b for b in ALL_BLOCKS if b.lang == "python"]
-MOA_TOML_BLOCKS = [b for b in ALL_BLOCKS if b.lang == "toml" and "[aggregator]" in b.code]
+CONFIG_BLOCKS = [
+    b
+    for b in ALL_BLOCKS
+    if (b.lang == "toml" and "[aggregator]" in b.code)
+    or (b.lang in ("yaml", "yml") and "aggregator:" in b.code)
+]
 
 
 def _param(block: Block) -> object:
@@ -161,16 +166,22 @@ def test_python_block_runs_as_pasted(
     )
 
 
-@pytest.mark.parametrize("block", [pytest.param(b, id=b.id) for b in MOA_TOML_BLOCKS])
-def test_toml_config_example_loads(block: Block) -> None:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-
+@pytest.mark.parametrize("block", [pytest.param(b, id=b.id) for b in CONFIG_BLOCKS])
+def test_config_example_loads(block: Block) -> None:
+    """A whole-MoA TOML/YAML example passes the package's own config validation."""
     from langchain_moa.recipes import recipe_from_dict
 
-    recipe = recipe_from_dict(tomllib.loads(block.code), source=block.id)
+    if block.lang == "toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        data = tomllib.loads(block.code)
+    else:
+        import yaml
+
+        data = yaml.safe_load(block.code)
+    recipe = recipe_from_dict(data, source=block.id)
     assert recipe.aggregator is not None
 
 
