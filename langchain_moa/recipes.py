@@ -348,7 +348,7 @@ class Recipe(BaseModel):
 
     def build_models(self) -> tuple[list[Any], Any]:
         """(proposers, aggregator) chat models; keys are read from the environment now."""
-        proposers = [e.build(f"proposers[{i}]") for i, e in enumerate(self.proposers)]
+        proposers = [e.build(f"proposer {i + 1}") for i, e in enumerate(self.proposers)]
         return proposers, self.aggregator.build("aggregator")
 
     def chat_moa_kwargs(self) -> dict[str, Any]:
@@ -481,14 +481,17 @@ def _unknown(key: str, known: tuple[str, ...]) -> str:
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
-    """``("proposers", 0, "model")`` -> ``proposers[0].model``."""
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += f".{part}" if path else str(part)
-    return path
+    """Where an error is, as people count: ``("proposers", 0, "model")`` -> ``proposer 1: model``.
+
+    Entries of ``[[proposers]]`` are numbered from 1, like the CLI's "proposer N" (a
+    ``proposers[0]`` would read as a 0-based index to some and a first entry to others);
+    other fields keep their dotted names (``aggregator.base_url``, ``label.mode``).
+    """
+    if len(loc) >= 2 and loc[0] == "proposers" and isinstance(loc[1], int):
+        entry = f"proposer {loc[1] + 1}"
+        rest = ".".join(str(part) for part in loc[2:])
+        return f"{entry}: {rest}" if rest else entry
+    return ".".join(str(part) for part in loc)
 
 
 def _describe(exc: ValidationError, source: str, keys: Sequence[Any] = ()) -> str:

@@ -135,7 +135,7 @@ def test_bad_config_file_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("layers: 2\nproposers: [{model: a}]\naggregator: {model: b, base_url: x}\n")
     result = run_moa("chat", "--config", str(bad), "q")
-    assert_one_error_line(result, f"{bad}: proposers[0].base_url: missing")
+    assert_one_error_line(result, f"{bad}: proposer 1: base_url: missing")
     broken = tmp_path / "broken.toml"
     broken.write_text("layers = 2\n[aggregator\n")
     assert_one_error_line(run_moa("chat", "--config", str(broken), "q"), "invalid TOML")

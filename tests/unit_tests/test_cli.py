@@ -327,7 +327,7 @@ def test_missing_key_in_config_names_variable_and_model(tmp_path: Path, monkeypa
     path.write_text(CONFIG)
     assert cli.main(["chat", "--config", str(path), "q"]) == cli.EXIT_USER_ERROR
     line = one_error_line(capsys.readouterr())
-    assert "proposers[0] (p1)" in line and "CLI_TEST_KEY" in line
+    assert "proposer 1 (p1)" in line and "CLI_TEST_KEY" in line
 
 
 def test_quorum_failure_is_a_one_line_runtime_error(monkeypatch, capsys) -> None:

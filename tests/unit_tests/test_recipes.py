@@ -144,7 +144,7 @@ def test_missing_key_is_one_line_naming_the_variable_and_model(monkeypatch, name
         ChatMoA.from_recipe(name)
     message = str(info.value)
     assert "TOGETHER_API_KEY" in message and "\n" not in message
-    assert "proposers[0] (Qwen/" in message
+    assert "proposer 1 (Qwen/" in message
 
 
 def test_blank_key_counts_as_missing(monkeypatch) -> None:
@@ -242,13 +242,14 @@ P = "[[proposers]]\nmodel='a'\nbase_url='http://x'\n"
         ("[aggregator]\nbase_url='http://127.0.0.1:9'", "aggregator.model: missing"),
         ("[aggregator]\nmodel='m'", "aggregator.base_url: missing"),
         ("[aggregator]\nmodel='m'\nbase_url='127.0.0.1:9'", "aggregator.base_url: must start"),
-        (P + "temprature=1\n" + AGG, "proposers[0].temprature: unknown field (did you mean"),
-        (P + "max_tokens='lots'\n" + AGG, "proposers[0].max_tokens: expected integer"),
-        (P + "max_tokens=0\n" + AGG, "proposers[0].max_tokens: must be >= 1"),
-        (P + "temperature=-1\n" + AGG, "proposers[0].temperature: must be >= 0"),
-        (P + "provider='ollama'\n" + AGG, "proposers[0].provider: must be one of"),
+        (P + "temprature=1\n" + AGG, "proposer 1: temprature: unknown field (did you mean"),
+        (P + "max_tokens='lots'\n" + AGG, "proposer 1: max_tokens: expected integer"),
+        (P + "max_tokens=0\n" + AGG, "proposer 1: max_tokens: must be >= 1"),
+        (P + "temperature=-1\n" + AGG, "proposer 1: temperature: must be >= 0"),
+        (P + "provider='ollama'\n" + AGG, "proposer 1: provider: must be one of"),
         ("proposers = 'a'\n" + AGG, "proposers: expected list"),
-        ("proposers = [1]\n" + AGG, "proposers[0]: expected a table"),
+        ("proposers = [1]\n" + AGG, "proposer 1: expected a table"),
+        (P + P + "temprature=1\n" + AGG, "proposer 2: temprature: unknown field"),
         ("aggregator = 'm'\n", "aggregator: expected table"),
         ("layers = 2\n", "aggregator: missing"),
         ("layers = 3\n" + AGG, "proposers: add at least one [[proposers]] entry"),
@@ -361,11 +362,11 @@ def test_inf_proposer_timeout_means_no_limit(tmp_path: Path) -> None:
         ("proposer_timeout = -5\n" + P + AGG, "proposer_timeout must be a positive number"),
         ("min_proposers = true\n" + P + AGG, "min_proposers: expected integer, got bool"),
         ("layers = 2.0\n" + P + AGG, "layers: expected integer, got float 2.0"),
-        (P + "seed=true\n" + AGG, "proposers[0].seed: expected integer, got bool"),
-        (P + "max_tokens='5'\n" + AGG, "proposers[0].max_tokens: expected integer, got str '5'"),
-        (P + "temperature='0.5'\n" + AGG, "proposers[0].temperature: expected integer or num"),
-        (P + "timeout=0\n" + AGG, "proposers[0].timeout: must be > 0 seconds, got 0"),
-        (P + "token='abc'\n" + AGG, "proposers[0].token: keys do not belong in config files"),
+        (P + "seed=true\n" + AGG, "proposer 1: seed: expected integer, got bool"),
+        (P + "max_tokens='5'\n" + AGG, "proposer 1: max_tokens: expected integer, got str '5'"),
+        (P + "temperature='0.5'\n" + AGG, "proposer 1: temperature: expected integer or num"),
+        (P + "timeout=0\n" + AGG, "proposer 1: timeout: must be > 0 seconds, got 0"),
+        (P + "token='abc'\n" + AGG, "proposer 1: token: keys do not belong in config files"),
         ("source = 'x.toml'\n" + AGG, "source: unknown field"),
         ("description = 1\n" + AGG, "description: expected string, got int 1"),
         ("aggregater = 1\n" + AGG, "aggregater: unknown field (did you mean 'aggregator'?"),
@@ -387,7 +388,7 @@ def test_unknown_field_hint_lists_the_known_fields(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_recipe(path)
     message = str(info.value)
-    assert "proposers[0].modle: unknown field (did you mean 'model'?" in message
+    assert "proposer 1: modle: unknown field (did you mean 'model'?" in message
     assert "known: model, base_url, api_key_env, temperature, max_tokens, seed, provider" in message
 
 
