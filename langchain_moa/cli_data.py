@@ -14,11 +14,15 @@ from langchain_moa.errors import ConfigError
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _recipe_models(args: argparse.Namespace) -> dict[str, Any]:
+def _recipe(args: argparse.Namespace) -> Any:
     from langchain_moa.cli import model_source
     from langchain_moa.recipes import load_recipe
 
-    recipe = load_recipe(model_source(args))
+    return load_recipe(model_source(args))
+
+
+def _recipe_models(args: argparse.Namespace) -> dict[str, Any]:
+    recipe = _recipe(args)
     kwargs = recipe.chat_moa_kwargs()
     if args.layers is not None:
         kwargs["layers"] = args.layers
@@ -82,6 +86,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     from langchain_moa.recipes import LabelSettings
 
     options = _run_options(args)
+    check_label_flags(args, _recipe(args).label)  # before any model starts
     models = _recipe_models(args)
     defaults = models.get("label") or LabelSettings()
     criteria: Any = None
@@ -107,11 +112,27 @@ def cmd_label(args: argparse.Namespace) -> int:
     return _report(summary, args.output)
 
 
+def check_label_flags(args: argparse.Namespace, defaults: Any) -> None:
+    """Refuse flags that would be silently ignored (one line, exit 2)."""
+    mode = args.mode or defaults.mode
+    if args.swap is not None and mode != "pairwise":
+        flag = "--swap" if args.swap else "--no-swap"
+        why = "--mode pointwise" if args.mode else f"the recipe judges {mode} by default"
+        raise ConfigError(
+            f"{flag} only applies to pairwise judging ({why}); pass --mode pairwise or "
+            f"leave out {flag}"
+        )
+    if args.samples is not None and not args.policy:
+        raise ConfigError(
+            "--samples needs --policy: without a policy the candidates are each row's "
+            "'responses', so there is nothing to sample"
+        )
+
+
 def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
+    from langchain_moa.cli import _positive as positive
+
+    return positive(value)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +142,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shard",
         metavar="I/N",
-        help="take only shard I of N (1-based; rows split by identity, each shard its own OUT)",
+        help="take only shard I of N (1-based; rows split by identity, each shard its own "
+        "OUT; default: all rows)",
     )
     parser.add_argument(
         "--keep-duplicates",
@@ -131,7 +153,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--push-to-hub",
         metavar="REPO",
-        help="upload OUT as a dataset file when done (token: HF_TOKEN or `hf auth login`)",
+        help="upload OUT as a dataset file when done (token: HF_TOKEN or `hf auth login`; "
+        "default: no upload)",
     )
 
 
@@ -149,27 +172,38 @@ def register(sub: Any, add_model_options: Callable[[argparse.ArgumentParser], No
     lab.add_argument("output", help="JSONL file to append to (re-runs skip rows already there)")
     add_model_options(lab)
     lab.add_argument(
-        "--policy", help="sample candidates from this model: 'local' or provider:model"
-    )
+        "--policy", metavar="MODEL",
+        help="sample candidates from this model: 'local' or provider:model (default: none, "
+        "rank each row's 'responses')",
+    )  # fmt: skip
     lab.add_argument(
-        "--samples", type=_positive, help="candidates per prompt (default: the recipe's, 5)"
+        "--samples",
+        type=_positive,
+        metavar="N",
+        help="candidates sampled per prompt with --policy (default: the recipe's; local: 4, "
+        "others: 5)",
     )
     lab.add_argument(
         "--mode",
         choices=["pairwise", "pointwise"],
-        help="judge pairs, or rate each candidate alone (default: the recipe's, pairwise)",
+        help="judge pairs, or rate each candidate alone (default: the recipe's; local: "
+        "pointwise, others: pairwise)",
     )
     lab.add_argument(
         "--swap",
         action=argparse.BooleanOptionalAction,
-        help="pairwise: judge each pair in both orders (default: the recipe's, on)",
+        help="pairwise only: judge each pair in both orders (default: the recipe's, on)",
     )
     lab.add_argument(
         "--aggregate",
         action=argparse.BooleanOptionalAction,
-        help="let the aggregator re-judge with the verdicts in view (default: the recipe's, on)",
+        help="let the aggregator re-judge with the verdicts in view (default: the recipe's; "
+        "local: off, others: on)",
     )
-    lab.add_argument("--criteria", help="'dynamic', or comma-separated criteria")
+    lab.add_argument(
+        "--criteria", metavar="LIST",
+        help="'dynamic' (written per prompt), or comma-separated criteria (default: none)",
+    )  # fmt: skip
     _add_run_options(lab)
     lab.set_defaults(func=cmd_label)
 
