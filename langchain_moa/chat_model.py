@@ -12,6 +12,7 @@ import itertools
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
+from operator import itemgetter
 from typing import Any, Literal
 from uuid import UUID, uuid4
 
@@ -22,15 +23,30 @@ from langchain_core.callbacks import (
     CallbackManagerForLLMRun,
 )
 from langchain_core.callbacks.base import BaseCallbackHandler
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import (
+    JsonOutputKeyToolsParser,
+    PydanticToolsParser,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+from langchain_core.runnables import (
+    Runnable,
+    RunnableConfig,
+    RunnableLambda,
+    RunnableMap,
+    RunnablePassthrough,
+    ensure_config,
+)
 from langchain_core.tools import BaseTool
 from langchain_core.tracers.base import BaseTracer
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import (
+    BaseModel,
     ConfigDict,
     Field,
     SecretStr,
@@ -256,6 +272,65 @@ class ChatMoA(BaseChatModel):
             kwargs["tool_choice"] = tool_choice
         return super().bind(tools=formatted, **kwargs)
 
+    def with_structured_output(
+        self,
+        schema: dict | type,
+        *,
+        include_raw: bool = False,
+        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | BaseModel]:
+        """The aggregator's answer as `schema`: by a forced tool call, or a JSON response.
+
+        ``method="function_calling"`` (default) forces the aggregator to call `schema` as
+        a tool; ``"json_schema"`` / ``"json_mode"`` send it ``response_format``. An
+        answer that does not fit is an error naming the aggregator, never a silent
+        ``None`` (with ``include_raw=True`` it is the ``parsing_error``, next to ``raw``).
+        """
+        if kwargs:
+            raise ConfigError(f"with_structured_output got unsupported arguments {kwargs}")
+        function = convert_to_openai_tool(schema)["function"]
+        is_model = isinstance(schema, type) and is_basemodel_subclass(schema)
+        traced = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        parser: Runnable
+        if method == "function_calling":
+            llm = self.bind_tools(
+                [schema], tool_choice="any", strict=strict, ls_structured_output_format=traced
+            )
+            check = _require_tool_call(function["name"], model_label(self.aggregator))
+            parser = RunnableLambda(check) | (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)
+                if is_model
+                else JsonOutputKeyToolsParser(key_name=function["name"], first_tool_only=True)
+            )
+        elif method in ("json_schema", "json_mode"):
+            if method == "json_schema":
+                spec = {"name": function["name"], "schema": function.get("parameters", {})}
+                if strict is not None:
+                    spec["strict"] = strict
+                response_format = {"type": "json_schema", "json_schema": spec}
+            else:
+                response_format = {"type": "json_object"}
+            llm = self.bind(response_format=response_format, ls_structured_output_format=traced)
+            parser = (
+                PydanticOutputParser(pydantic_object=schema) if is_model else JsonOutputParser()
+            )
+        else:
+            raise ConfigError(
+                f"with_structured_output method must be 'function_calling', 'json_schema' or "
+                f"'json_mode', got {method!r}"
+            )
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(
+            parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+        )
+        unparsed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks(
+            [unparsed], exception_key="parsing_error"
+        )
+
     # ------------------------------------------------------------------- helpers
     @staticmethod
     def _child_config(run_manager: Any) -> RunnableConfig:
@@ -443,6 +518,22 @@ def _left(token: Token) -> None:
         _ACTIVE_RUN.reset(token)
     except ValueError:  # a generator finalised in another context: nothing to restore
         pass
+
+
+def _require_tool_call(name: str, aggregator: str) -> Callable[[AIMessage], AIMessage]:
+    def require(message: AIMessage) -> AIMessage:
+        if message.tool_calls or message.invalid_tool_calls:
+            return message  # invalid calls get the parser's own error
+        finish = message.response_metadata.get("finish_reason")
+        raise OutputParserException(
+            f"ChatMoA: the aggregator ({aggregator}) answered in text instead of calling "
+            f"{name!r}"
+            + (f" (finish_reason {finish!r})" if finish else "")
+            + "; it needs a model that supports tool calling with a forced tool_choice",
+            llm_output=message.text,
+        )
+
+    return require
 
 
 def _unknown_arguments(unknown: list[str], known: list[str]) -> str:

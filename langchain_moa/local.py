@@ -310,14 +310,19 @@ def local_chat_model(
     n_parallel: int = 4,
     **kwargs: Any,
 ) -> Any:
-    """A `ChatOpenAI` client for the embedded server (started on first use)."""
-    from langchain_openai import ChatOpenAI
+    """A `ChatOpenAI` client for the embedded server (started on first use).
+
+    It is a `ChatLocal`: tools and structured output work through JSON-schema grammars
+    (see `langchain_moa.constrained`), which the server honours where its chat template
+    has no tool format.
+    """
+    from langchain_moa.constrained import ChatLocal
 
     server = local_server(model, n_parallel=n_parallel)
     label = f"{server.alias} (t={temperature}, seed={seed})"
     kwargs.setdefault("timeout", 300)
     kwargs.setdefault("max_retries", 1)
-    return ChatOpenAI(
+    return ChatLocal(
         model=server.alias,
         base_url=server.base_url,
         api_key="local-no-key",

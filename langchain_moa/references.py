@@ -63,6 +63,16 @@ def inject_references(
         raise ValueError(
             f"reference_placement must be 'first_system' or 'after_conversation', got {placement!r}"
         )
+    return with_system_text(result, text)
+
+
+def with_system_text(messages: Sequence[BaseMessage], text: str) -> list[BaseMessage]:
+    """A copy of `messages` whose leading system message ends with `text`.
+
+    Appended after a blank line to a leading system message, or put first as a new one;
+    the caller's messages are not mutated.
+    """
+    result = list(messages)
     if result and isinstance(result[0], SystemMessage):
         first = result[0]
         result[0] = first.model_copy(update={"content": _append_text(first.content, "\n\n" + text)})

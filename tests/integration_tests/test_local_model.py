@@ -161,5 +161,5 @@ def test_cli_bad_config_file(tmp_path: Path) -> None:
     bad.write_text("layers: 2\nproposers: [{model: a}]\naggregator: {model: b, base_url: x}\n")
     result = run_cli("chat", "--config", str(bad), "q")
     assert result.returncode != 0
-    assert "proposers[0].base_url: missing" in result.stderr
+    assert "proposer 1: base_url: missing" in result.stderr
     assert "Traceback" not in result.stderr
