@@ -11,7 +11,15 @@ always ends with a text answer, even with a small model that keeps calling tools
 Run it on the embedded local model (no API key):
 
     python examples/agent_with_moa.py
-    python examples/agent_with_moa.py --recipe together-moa-lite "What is 12.5% of 3,640?"
+    python examples/agent_with_moa.py --recipe together-moa-lite --tool-choice auto \
+        --max-steps 3 "What is 12.5% of 3,640?"
+
+On the embedded model the calls are real: its llama.cpp server constrains the answer to a
+valid calculator call (`langchain_moa.constrained`). The defaults force one call
+(``tool_choice="required"``), then ask for the answer: SmolLM2-135M rarely chooses a tool
+on its own, and it may still misread the result or write a wrong expression. A 135M
+model shows the wiring, not the wisdom; a hosted recipe with ``--tool-choice auto``
+lets the model decide.
 """
 
 from __future__ import annotations
@@ -81,14 +89,22 @@ def _tool_rounds(messages: list[BaseMessage]) -> int:
 
 
 def build_agent(
-    proposers: list[Any], aggregator: Any, *, max_steps: int = 3, **moa_kwargs: Any
+    proposers: list[Any],
+    aggregator: Any,
+    *,
+    max_steps: int = 3,
+    tool_choice: Any = None,
+    **moa_kwargs: Any,
 ) -> Any:
     """The agent graph: MoA with the calculator, a ToolNode, and a capped loop.
 
-    `moa_kwargs` go to `build_moa_graph` (layers, aggregator_prompt, min_proposers, ...).
+    `tool_choice` is the aggregator's ("required" forces a call each round; None lets it
+    choose). `moa_kwargs` go to `build_moa_graph` (layers, aggregator_prompt, ...).
     """
     tools = [calculator]
-    reasoning = build_moa_graph(proposers, aggregator, tools=tools, name="moa", **moa_kwargs)
+    reasoning = build_moa_graph(
+        proposers, aggregator, tools=tools, tool_choice=tool_choice, name="moa", **moa_kwargs
+    )
     # Same models and configuration, no tools: used once the tool budget is spent.
     final_answer = build_moa_graph(proposers, aggregator, name="moa_final", **moa_kwargs)
 
@@ -114,12 +130,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("question", nargs="?", default="What is 17 * 23? Use the calculator.")
     parser.add_argument("--recipe", default="local", help="recipe name or config file")
-    parser.add_argument("--max-steps", type=int, default=3, help="tool rounds before answering")
+    parser.add_argument(
+        "--max-steps", type=int, default=1, help="tool rounds before answering (default: 1)"
+    )
+    parser.add_argument(
+        "--tool-choice",
+        choices=["required", "auto"],
+        default="required",
+        help="required: call the calculator each round; auto: the model decides "
+        "(default: required)",
+    )
     args = parser.parse_args(argv)
 
     from langchain_moa.recipes import load_recipe
 
-    agent = build_agent(**load_recipe(args.recipe).chat_moa_kwargs(), max_steps=args.max_steps)
+    agent = build_agent(
+        **load_recipe(args.recipe).chat_moa_kwargs(),
+        max_steps=args.max_steps,
+        tool_choice=None if args.tool_choice == "auto" else args.tool_choice,
+    )
     # Each tool round is 2 super-steps of the parent graph; the cap above ends the loop
     # well before this limit, which is only a safety net.
     result = agent.invoke(

@@ -141,3 +141,25 @@ def test_the_graph_on_the_local_recipe_calls_the_tool(local_kwargs) -> None:
     )
     state = graph.invoke({"messages": [("user", QUESTION)]})
     _valid_call(state["messages"][-1], {"calculator": calculator})
+
+
+def test_the_agent_example_really_calls_its_calculator_on_the_embedded_model() -> None:
+    """README presents it as a tool-using agent on the embedded model: it must be one."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "agent_with_moa.py"
+    result = subprocess.run(
+        [sys.executable, str(example), "What is 17 * 23? Use the calculator."],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("[agent] calls calculator({'expression': ") for line in lines)
+    tool_lines = [line for line in lines if line.startswith("[tool] ")]
+    assert tool_lines and re.fullmatch(r"\[tool\] -?[\d.]+", tool_lines[0]), lines
+    assert lines[-1].startswith("[ai] ")  # it always ends with an answer
