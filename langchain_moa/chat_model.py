@@ -157,7 +157,7 @@ class ChatMoA(BaseChatModel):
         elif isinstance(proposers, (str, BaseChatModel)):
             proposers = [proposers]
         data["proposers"] = [
-            resolve_model(spec, role=f"proposers[{i}]", **options)
+            resolve_model(spec, role=f"proposer {i + 1}", **options)
             for i, spec in enumerate(proposers)
         ]
         if "aggregator" in data:

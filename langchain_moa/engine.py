@@ -372,7 +372,7 @@ class MoAEngine:
             role=f"proposer {index + 1}",
             kind="proposer",
             metadata={"moa_layer": layer, "moa_proposer": index},
-            run_name=f"moa_proposer_{layer}_{index}",
+            run_name=f"moa_proposer_{index + 1}_layer_{layer}",  # 1-based, as people count
             timeout=self.proposer_timeout,
             close=close,
         )

@@ -419,7 +419,7 @@ def build_moa_graph(
         proposers = [proposers]
     engine = MoAEngine(
         proposers=tuple(
-            resolve_model(spec, role=f"proposers[{i}]") for i, spec in enumerate(proposers)
+            resolve_model(spec, role=f"proposer {i + 1}") for i, spec in enumerate(proposers)
         ),
         aggregator=resolve_model(aggregator, role="aggregator"),
         layers=layers,

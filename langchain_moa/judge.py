@@ -307,7 +307,7 @@ class MoAJudge:
             raise ValueError("criteria must be a list of strings, 'dynamic' or None")
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1 or None, got {max_concurrency!r}")
-        self.judges = [_as_model(j, f"judges[{i}]") for i, j in enumerate(judges)]
+        self.judges = [_as_model(j, f"judge {i + 1}") for i, j in enumerate(judges)]
         self.aggregator = _as_model(aggregator, "aggregator") if aggregator else None
         self.mode: Mode = mode
         self.swap = swap

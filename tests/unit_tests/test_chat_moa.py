@@ -298,7 +298,7 @@ def test_stream_yields_aggregator_tokens_then_a_closing_chunk() -> None:
         ({"min_proposers": 3}, "min_proposers=3 is more than the 2 proposers given"),
         ({"min_proposers": 0}, "min_proposers must be an integer >= 1"),
         ({"proposer_timeout": -1}, "proposer_timeout must be a positive number"),
-        ({"proposers": ["nosuchprovider:model-x"]}, "proposers[0]: cannot create model"),
+        ({"proposers": ["nosuchprovider:model-x"]}, "proposer 1: cannot create model"),
         ({"aggregator": 42}, "aggregator: expected a BaseChatModel"),
     ],
 )

@@ -823,7 +823,7 @@ def test_agent_example_stops_at_the_step_cap() -> None:
         ({"layers": 2, "proposers": []}, "layers=2 needs at least one proposer"),
         ({"min_proposers": 3}, "min_proposers=3 is more than the 2 proposers given"),
         ({"proposer_timeout": -1}, "proposer_timeout must be a positive number"),
-        ({"proposers": ["nosuchprovider:model-x"]}, "proposers[0]: cannot create model"),
+        ({"proposers": ["nosuchprovider:model-x"]}, "proposer 1: cannot create model"),
         ({"aggregator": 42}, "aggregator: expected a BaseChatModel"),
         ({"aggregator": None}, "aggregator is required"),
         ({"retry_policy": ["not a policy"]}, "retry_policy must be a RetryPolicy"),
