@@ -122,6 +122,8 @@ class ModelEntry(BaseModel):
     provider: Provider = "openai-compatible"
     timeout: _Seconds | None = None
     """Seconds for one HTTP request (the client's own timeout)."""
+    frequency_penalty: Annotated[StrictFloat, Field(ge=-2, le=2)] | None = None
+    """OpenAI's frequency_penalty (-2 to 2): > 0 discourages repeating the same tokens."""
 
     @field_validator("api_key_env")
     @classmethod
@@ -183,6 +185,8 @@ class ModelEntry(BaseModel):
                 kwargs["max_tokens"] = self.max_tokens
             if self.timeout is not None:
                 kwargs["timeout"] = self.timeout
+            if self.frequency_penalty is not None:
+                kwargs["frequency_penalty"] = self.frequency_penalty
             return local_chat_model(self.model, seed=self.seed, **kwargs)
         from langchain_openai import ChatOpenAI
 
@@ -205,6 +209,7 @@ class ModelEntry(BaseModel):
                 "max_tokens": self.max_tokens,
                 "seed": self.seed,
                 "timeout": self.timeout,
+                "frequency_penalty": self.frequency_penalty,
             }.items()
             if v is not None
         }
@@ -540,8 +545,12 @@ def _describe(exc: ValidationError, source: str, keys: Sequence[Any] = ()) -> st
         elif kind == "literal_error":
             choices = ", ".join(PROVIDERS) if field == "provider" else ctx.get("expected")
             reason = f"must be one of {choices}, got{shown or ' ' + type(value).__name__}"
-        elif kind in ("greater_than_equal", "greater_than"):
-            bound, op = (ctx["ge"], ">=") if kind == "greater_than_equal" else (ctx["gt"], ">")
+        elif kind in ("greater_than_equal", "greater_than", "less_than_equal"):
+            bound, op = {
+                "greater_than_equal": (ctx.get("ge"), ">="),
+                "greater_than": (ctx.get("gt"), ">"),
+                "less_than_equal": (ctx.get("le"), "<="),
+            }[kind]
             unit = " seconds" if field == "timeout" else ""
             reason = f"must be {op} {bound:g}{unit}, got {value!r}"
         else:

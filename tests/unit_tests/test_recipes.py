@@ -250,6 +250,7 @@ P = "[[proposers]]\nmodel='a'\nbase_url='http://x'\n"
         ("proposers = 'a'\n" + AGG, "proposers: expected list"),
         ("proposers = [1]\n" + AGG, "proposer 1: expected a table"),
         (P + P + "temprature=1\n" + AGG, "proposer 2: temprature: unknown field"),
+        (P + "frequency_penalty=3\n" + AGG, "proposer 1: frequency_penalty: must be <= 2, got 3"),
         ("aggregator = 'm'\n", "aggregator: expected table"),
         ("layers = 2\n", "aggregator: missing"),
         ("layers = 3\n" + AGG, "proposers: add at least one [[proposers]] entry"),
@@ -508,3 +509,10 @@ def test_a_failed_build_still_registers_the_variable(monkeypatch) -> None:
     value = "plain-" + uuid.uuid4().hex[:12] + "-value"
     monkeypatch.setenv(name, value)  # set later, e.g. by a retrying caller
     assert value not in redact("echo " + value)
+
+
+def test_frequency_penalty_reaches_the_client(tmp_path: Path) -> None:
+    path = write(tmp_path, P + "frequency_penalty=0.4\n" + AGG)
+    moa = ChatMoA.from_recipe(path)
+    assert moa.proposers[0].frequency_penalty == 0.4
+    assert moa.aggregator.frequency_penalty is None
