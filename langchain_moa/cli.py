@@ -716,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--max-tokens", type=_positive, metavar="N",
         help="cap every model's answer (drafts and the final answer) at N tokens (default: "
-        "the recipe's caps; local: 320 per draft, 400 for the answer)",
+        "the recipe's caps; local: 320 per draft, 512 for the answer)",
     )  # fmt: skip
     chat.add_argument(
         "--temperature", type=_temperature, metavar="T",

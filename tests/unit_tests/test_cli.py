@@ -440,3 +440,299 @@ def test_recipe_and_config_together_are_refused(tmp_path, capsys) -> None:
 def test_recipes_marks_the_default(capsys) -> None:
     assert cli.main(["recipes"]) == 0
     assert "local (default; 2 layers, 3 proposers)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------- a finished product (the issue)
+
+
+def _options(parser):
+    """(command, action) for every option of every subcommand, and the top level."""
+    import argparse
+
+    yield "moa", parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+
+
+def test_every_option_has_help_stating_its_default() -> None:
+    import argparse
+
+    parser = cli.build_parser()
+    seen = 0
+    for command, sub in _options(parser):
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if action.help == argparse.SUPPRESS:  # --debug/--version repeated per command
+                assert action.dest in ("debug", "version"), (command, action.dest)
+                continue
+            where = f"moa {command} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help.strip(), f"{where}: no help"
+            seen += 1
+            flag = isinstance(action, (argparse._StoreTrueAction, argparse._VersionAction))
+            if action.option_strings and not flag:
+                assert "default" in action.help, f"{where}: help does not state the default"
+            if action.default not in (None, False, argparse.SUPPRESS):
+                assert str(action.default) in action.help, f"{where}: default not in help"
+    assert seen > 30
+
+
+def test_help_states_the_local_recipes_real_defaults() -> None:
+    from langchain_moa.recipes import RECIPES
+
+    local = RECIPES["local"]
+    chat = next(sub for name, sub in _options(cli.build_parser()) if name == "chat")
+    helps = {a.dest: a.help for a in chat._actions}
+    caps = {p.max_tokens for p in local.proposers}
+    assert len(caps) == 1
+    assert (
+        f"local: {caps.pop()} per draft, {local.aggregator.max_tokens} for the answer"
+        in (helps["max_tokens"])
+    )
+    assert f"local: {local.aggregator.temperature}" in helps["temperature"]
+    assert f"local: {local.layers}" in helps["layers"]
+
+
+@pytest.mark.parametrize("command", ["chat", "pull", "recipes", "serve", "generate", "label"])
+def test_global_flags_work_on_every_subcommand(command, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("moa 0.")
+    positional = ["in.jsonl", "out.jsonl"] if command in ("generate", "label") else []
+    args = cli.build_parser().parse_args([command, *positional, "--debug"])
+    assert args.debug
+    args = cli.build_parser().parse_args(["--debug", command, *positional])
+    assert args.debug
+
+
+def test_temperature_is_the_aggregators(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CLI_TEST_KEY", "sk-cli-test-0123456789")
+    path = tmp_path / "moa.toml"
+    path.write_text(CONFIG)
+    args = cli.build_parser().parse_args(["chat", "--config", str(path), "--temperature", "0.2"])
+    moa = cli.build_chat_moa(args)
+    assert moa.temperature == 0.2
+    assert all(p.temperature != 0.2 for p in moa.proposers)
+    serve = cli.build_parser().parse_args(["serve", "--config", str(path), "--temperature", "1"])
+    (served,) = cli.served_models(serve).values()
+    assert served.temperature == 1.0
+
+
+@pytest.mark.parametrize("value", ["-0.1", "2.5", "hot"])
+def test_bad_temperature_is_a_usage_error(value, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["chat", "--temperature", value, "q"])
+    assert info.value.code == 2
+    assert "--temperature" in capsys.readouterr().err
+
+
+class CutOffModel(ScriptedChatModel):
+    """An aggregator whose answers stop at the token limit."""
+
+    def _answer(self, messages, call_number, kwargs):
+        message = super()._answer(messages, call_number, kwargs)
+        metadata = {**message.response_metadata, "finish_reason": "length"}
+        return message.model_copy(update={"response_metadata": metadata})
+
+
+def cut_off_moa() -> ChatMoA:
+    return ChatMoA(
+        proposers=[ScriptedChatModel(model_name="alpha", reply="draft")],
+        aggregator=CutOffModel(
+            model_name="agg", reply="an answer that goes on and", output_tokens=7
+        ),
+    )
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_a_cut_off_answer_ends_with_a_hint_naming_max_tokens(json_flag, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "build_chat_moa", lambda args: cut_off_moa())
+    assert cli.main(["chat", *json_flag, "q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        "moa: the answer was cut off at the token limit (7 tokens); pass --max-tokens 256 "
+        "for longer answers"
+    )
+    if json_flag:
+        assert json.loads(captured.out)["response_metadata"]["finish_reason"] == "length"
+    else:
+        assert captured.out == "an answer that goes on and\n"
+
+
+def test_the_hint_suggests_twice_the_limit_given(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "build_chat_moa", lambda args: cut_off_moa())
+    assert cli.main(["chat", "--max-tokens", "300", "q"]) == 0
+    assert "(300 tokens); pass --max-tokens 600 for" in capsys.readouterr().err
+
+
+def test_a_finished_answer_has_no_hint(fake_moa, capsys) -> None:
+    assert cli.main(["chat", "q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_json_show_proposals_several_turns_stdout_is_only_json(fake_moa, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\n"))
+    assert cli.main(["chat", "--json", "--show-proposals", "--verbose"]) == 0
+    captured = capsys.readouterr()
+    turns = [json.loads(line) for line in captured.out.splitlines()]  # every line is JSON
+    assert [t["turn"] for t in turns] == [1, 2]
+    # the drafts are inside the JSON, 0-based; people-facing stderr says proposer 1 and 2
+    assert [
+        p["proposer"] for p in turns[0]["response_metadata"]["moa"]["layers"][0]["proposals"]
+    ] == [0, 1]
+    assert captured.err.count("proposer 1 (alpha) [layer 1]:") == 2
+    assert "proposer 2 (beta) [layer 1]:\ndraft two\n\n" in captured.err
+
+
+def test_drafts_are_separated_by_blank_lines(fake_moa, capsys) -> None:
+    assert cli.main(["chat", "--show-proposals", "hello"]) == 0
+    out = capsys.readouterr().out
+    blocks = out.split("\n\n")
+    assert sorted(blocks[:2]) == sorted(
+        ["proposer 1 (alpha) [layer 1]:\ndraft one", "proposer 2 (beta) [layer 1]:\ndraft two"]
+    )
+    assert blocks[2] == "answer:\nfinal after 2 messages\n"
+
+
+def test_the_spinner_is_down_whenever_anything_is_printed(fake_moa, monkeypatch) -> None:
+    """The terminal case: the spinner is stopped (erased) before each draft and the answer."""
+    terminal = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=terminal, force_terminal=True, soft_wrap=True))
+    fake_moa.proposers[0].delay = 0.3  # drafts arrive while the spinner runs
+    state = {"up": False, "starts": 0}
+    real_start, real_stop = cli._Spinner.start, cli._Spinner.stop
+
+    def start(self, text=None):
+        real_start(self, text)
+        state["up"], state["starts"] = self._live is not None, state["starts"] + 1
+
+    def stop(self):
+        real_stop(self)
+        state["up"] = False
+
+    monkeypatch.setattr(cli._Spinner, "start", start)
+    monkeypatch.setattr(cli._Spinner, "stop", stop)
+    printed: list[tuple[bool, str]] = []
+
+    class Recorder(io.StringIO):
+        def write(self, text: str) -> int:
+            printed.append((state["up"], text))
+            return super().write(text)
+
+    monkeypatch.setattr("sys.stdout", Recorder())
+    assert cli.main(["chat", "--show-proposals", "hello"]) == 0
+    assert printed and not any(up for up, _ in printed), printed
+    text = "".join(t for _, t in printed)
+    assert "draft one" in text and "final after 2 messages" in text
+    assert state["starts"] >= 3  # up again below each draft while the rest work
+    assert "drafts done" in terminal.getvalue()
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_ctrl_c_during_an_answer_cancels_only_that_turn(monkeypatch, capsys) -> None:
+    import os
+    import signal
+    import threading
+
+    slow = ScriptedChatModel(model_name="slow", reply="draft")
+    moa = ChatMoA(proposers=[slow], aggregator=ScriptedChatModel(reply=lambda m: f"{len(m)}"))
+    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    monkeypatch.setattr("sys.stdin", Tty("first\nsecond\n"))
+    slow.delay = 30  # the first turn would take 30 s: Ctrl-C after 0.3 s
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+
+    def fast_after_first(messages):
+        slow.delay = 0
+        return "draft"
+
+    original = signal.getsignal(signal.SIGINT)
+    try:
+        slow.reply = fast_after_first
+        assert cli.main(["chat"]) == 0
+    finally:
+        timer.cancel()
+    assert signal.getsignal(signal.SIGINT) is original  # the handler is restored
+    captured = capsys.readouterr()
+    assert "(cancelled)" in captured.err
+    # the cancelled question is gone: the answered request holds only "second"
+    assert len(moa.aggregator.calls) == 1
+    assert [m.text for m in moa.aggregator.calls[0]][-1] == "second"
+
+
+def test_ctrl_c_at_the_prompt_gives_a_fresh_prompt(fake_moa, monkeypatch, capsys) -> None:
+    lines = iter([KeyboardInterrupt, "hello", None])
+
+    def read(self):
+        item = next(lines)
+        if item is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return item
+
+    monkeypatch.setattr("sys.stdin", Tty(""))
+    monkeypatch.setattr(cli._LineReader, "read", read)
+    assert cli.main(["chat"]) == 0
+    assert capsys.readouterr().out == "final after 2 messages\n"
+
+
+def test_ctrl_c_in_a_piped_chat_or_one_question_exits_130(monkeypatch, capsys) -> None:
+    import os
+    import signal
+    import threading
+
+    slow = ScriptedChatModel(model_name="slow", reply="draft", delay=30)
+    moa = ChatMoA(proposers=[slow], aggregator=ScriptedChatModel())
+    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        assert cli.main(["chat", "q"]) == cli.EXIT_INTERRUPTED
+    finally:
+        timer.cancel()
+    assert capsys.readouterr().err.strip() == "moa: interrupted"
+    assert moa.aggregator.calls == []
+
+
+def test_one_event_loop_for_the_whole_session(fake_moa, monkeypatch, capsys) -> None:
+    """ChatOpenAI's async client is bound to its first loop: every turn must share one."""
+    import asyncio
+
+    loops = set()
+    real = fake_moa.aggregator._astream
+
+    async def recording(*args, **kwargs):
+        loops.add(id(asyncio.get_running_loop()))
+        async for chunk in real(*args, **kwargs):
+            yield chunk
+
+    object.__setattr__(fake_moa.aggregator, "_astream", recording)
+    monkeypatch.setattr("sys.stdin", io.StringIO("a\nb\nc\n"))
+    assert cli.main(["chat"]) == 0
+    assert len(fake_moa.aggregator.calls) == 3 and len(loops) == 1
+
+
+def test_show_proposals_with_one_layer_is_refused(capsys) -> None:
+    assert cli.main(["chat", "--show-proposals", "--layers", "1", "q"]) == cli.EXIT_USER_ERROR
+    assert "a 1-layer MoA has no drafts" in one_error_line(capsys.readouterr())
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--mode", "pointwise", "--swap"], "--swap only applies to pairwise judging"),
+        (["--no-swap"], "--no-swap only applies to pairwise judging (the recipe judges pointwise"),
+        (["--samples", "3"], "--samples needs --policy"),
+    ],
+)
+def test_label_flags_that_would_be_ignored_are_refused(flags, fragment, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "q", "responses": ["a", "b"]}\n')
+    argv = ["label", str(source), str(tmp_path / "out.jsonl"), *flags]
+    assert cli.main(argv) == cli.EXIT_USER_ERROR
+    assert fragment in one_error_line(capsys.readouterr())

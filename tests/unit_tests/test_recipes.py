@@ -82,7 +82,7 @@ def test_local_recipe_is_a_self_moa() -> None:
     assert len(local.proposers) == 3
     assert len({(p.temperature, p.seed) for p in local.proposers}) == 3  # distinct samples
     assert local.aggregator.temperature < min(p.temperature for p in local.proposers)
-    assert all(e.max_tokens <= 256 for e in local.entries)  # seconds on 2 cores
+    assert all(e.max_tokens <= 512 for e in local.entries)  # well under a minute on 2 cores
 
 
 def test_together_recipe_builds_openai_compatible_clients(monkeypatch) -> None:
@@ -162,7 +162,7 @@ def test_loading_never_needs_a_key(monkeypatch) -> None:
 def test_with_max_tokens_caps_every_model() -> None:
     capped = load_recipe("local").with_max_tokens(16)
     assert all(e.max_tokens == 16 for e in capped.entries)
-    assert RECIPES["local"].proposers[0].max_tokens == 160  # the shipped recipe is untouched
+    assert RECIPES["local"].proposers[0].max_tokens == 320  # the shipped recipe is untouched
     with pytest.raises(ConfigError, match="max_tokens"):
         load_recipe("local").with_max_tokens(0)
 
