@@ -452,8 +452,7 @@ def _options(parser):
     yield "moa", parser
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield name, sub
+            yield from action.choices.items()
 
 
 def test_every_option_has_help_stating_its_default() -> None:
