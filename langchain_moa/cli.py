@@ -3,9 +3,14 @@
 Output contract, so the CLI composes with pipes and scripts:
 
 - stdout carries only the answer (streamed), the labelled drafts of ``--show-proposals``
-  and the JSON of ``--json`` (one line per turn). Everything else (spinner, prompts,
-  ``--verbose`` reports, errors) goes to stderr, and the spinner runs only when stderr
-  is a terminal.
+  (``proposer N (model) [layer k]:``, N from 1, a blank line after each), or, with
+  ``--json``, nothing but JSON (one line per turn; the drafts are inside it, and
+  ``--show-proposals`` then prints them on stderr). Everything else (spinner, prompts,
+  the cut-off hint, ``--verbose`` reports, errors) goes to stderr, and the spinner runs
+  only when stderr is a terminal; it is erased before anything else is printed.
+- Interactive chat at a terminal: readline line editing and in-memory history; Ctrl-C
+  during an answer cancels that turn (its HTTP calls are closed, the question leaves the
+  history), Ctrl-C at the prompt gives a fresh prompt, Ctrl-D / exit / quit leave.
 - User mistakes (bad recipe, bad config, missing key, missing model) print one line,
   ``moa: error: ...``, on stderr and exit 2; runtime failures (too few proposers answered,
   provider errors) exit 1; Ctrl-C exits 130. No traceback unless ``--debug``. Every known
@@ -393,6 +398,9 @@ class _LineReader:
     ``printf 'q1\\nq2\\n' | moa chat`` is a scripted chat (no prompt). At a terminal the
     standard library's `readline` (when importable) gives line editing, and the arrow keys
     recall earlier lines of this session (kept in memory only, never written to disk).
+    readline is used only when stdout is the terminal too (its prompt is written to
+    stdout), so with a redirected stdout (``moa chat --json > turns.jsonl``) the prompt goes
+    to stderr and stdout stays JSON only.
     """
 
     PROMPT = "you> "
