@@ -137,7 +137,7 @@ def _positive(value: str) -> int:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--concurrency", type=_positive, default=4, help="rows in flight (default: 4)"
+        "--concurrency", type=_positive, default=4, metavar="N", help="rows in flight (default: 4)"
     )
     parser.add_argument(
         "--shard",
