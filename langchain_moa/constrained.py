@@ -31,6 +31,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Tool
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_openai import ChatOpenAI
 
+from langchain_moa.local import request_in_flight
 from langchain_moa.references import text_only_history, with_system_text
 
 _ANSWER = {
@@ -245,6 +246,16 @@ class ChatLocal(ChatOpenAI):
         run_manager: Any = None,
         **kwargs: Any,
     ) -> ChatResult:
+        with request_in_flight():  # the server is not destroyed under a running request
+            return self._generate_now(messages, stop, run_manager, **kwargs)
+
+    def _generate_now(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: Any,
+        **kwargs: Any,
+    ) -> ChatResult:
         plan = ToolPlan.of(kwargs)
         messages = _plain_history(messages)
         if plan is None:
@@ -275,12 +286,13 @@ class ChatLocal(ChatOpenAI):
         run_manager: Any = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        if ToolPlan.of(kwargs) is None:
+        if ToolPlan.of(kwargs) is not None:
+            yield _as_chunk(self._generate(messages, stop, run_manager, **_unstreamed(kwargs)))
+            return
+        with request_in_flight():
             yield from super()._stream(
                 _plain_history(messages), stop, run_manager, **_without_tools(kwargs)
             )
-            return
-        yield _as_chunk(self._generate(messages, stop, run_manager, **_unstreamed(kwargs)))
 
     async def _astream(
         self,

@@ -25,6 +25,8 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -250,12 +252,66 @@ class LocalServer:
                 raise ConfigError(f"the embedded llama.cpp server did not answer in {timeout:g} s")
             time.sleep(0.05)
 
-    def stop(self) -> None:
-        """Stop the server (its destructor ends the llama.cpp main loop)."""
+    def stop(self, wait: float = 120.0) -> None:
+        """Stop the server (its destructor ends the llama.cpp main loop).
+
+        The destructor joins llama.cpp's threads while holding the GIL. A request still
+        in flight on another Python thread (a timed-out call abandoned on its daemon
+        thread, about to give up) then needs the GIL to finish, and the server waits for
+        that request: a deadlock that kept the process from ever exiting. So in-flight
+        requests get up to `wait` seconds to end first. An abandoned call ends within its
+        own client timeout (the call layer passes the remaining budget down), and any
+        other request ends when its answer does (at most ``max_tokens``, or the slot's
+        context). Should one still run after `wait`, the server is left to the exiting
+        process rather than destroyed: the exit is then abrupt, but it happens.
+        """
         server, self._server = self._server, None
-        if server is not None:
-            del server
-            logger.debug("local server for %s stopped", self.model_path.name)
+        if server is None:
+            return
+        if not wait_until_idle(0.5):
+            logger.warning("waiting for the embedded model's unfinished answers to end")
+        if not wait_until_idle(wait):
+            _KEPT_AT_EXIT.append(server)
+            _keep_forever(server)
+            logger.debug(
+                "local server for %s left running: requests still in flight", self.model_path.name
+            )
+            return
+        del server
+        logger.debug("local server for %s stopped", self.model_path.name)
+
+
+# Requests to the embedded servers now in flight (see `LocalServer.stop`).
+_in_flight = 0
+_in_flight_changed = threading.Condition()
+_KEPT_AT_EXIT: list[Any] = []
+
+
+@contextmanager
+def request_in_flight() -> Iterator[None]:
+    """Count one request to an embedded server while it runs (`ChatLocal` wraps its calls)."""
+    global _in_flight
+    with _in_flight_changed:
+        _in_flight += 1
+    try:
+        yield
+    finally:
+        with _in_flight_changed:
+            _in_flight -= 1
+            _in_flight_changed.notify_all()
+
+
+def wait_until_idle(timeout: float) -> bool:
+    """Wait up to `timeout` seconds for no request to be in flight; True when none is."""
+    with _in_flight_changed:
+        return _in_flight_changed.wait_for(lambda: _in_flight == 0, timeout)
+
+
+def _keep_forever(server: Any) -> None:
+    """One reference that interpreter shutdown never drops, so the destructor never runs."""
+    import ctypes
+
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(server))
 
 
 _SERVERS: dict[tuple[str, int], LocalServer] = {}
@@ -275,11 +331,11 @@ def local_server(model: str | None = None, *, n_parallel: int = 4) -> LocalServe
 
 
 @atexit.register
-def stop_all() -> None:
+def stop_all(wait: float = 120.0) -> None:
     """Stop every embedded server (also registered to run at interpreter exit)."""
     with _SERVERS_LOCK:
         for server in _SERVERS.values():
-            server.stop()
+            server.stop(wait)
 
 
 class _AnswerTimer(BaseCallbackHandler):

@@ -163,3 +163,42 @@ def test_cli_bad_config_file(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "proposer 1: base_url: missing" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+HANG_AFTER_TIMEOUT = """
+from langchain_moa import ChatMoA, MoAError
+moa = ChatMoA.from_recipe("local", proposer_timeout=0.5)
+try:
+    moa.invoke("Explain hash tables in detail, with examples.")
+except MoAError as exc:
+    print("MoAError:", str(exc)[:60])
+"""
+
+STILL_RUNNING_AT_EXIT = """
+import threading, time
+from langchain_moa.local import local_chat_model
+model = local_chat_model(max_tokens=200, timeout=600)
+threading.Thread(target=model.invoke, args=("Write a long story.",), daemon=True).start()
+time.sleep(1.0)  # the request is on the server now; exit waits for its answer to end
+print("stopped")
+"""
+
+
+@pytest.mark.parametrize(
+    ("script", "printed"),
+    [(HANG_AFTER_TIMEOUT, "MoAError: only 0 of 3"), (STILL_RUNNING_AT_EXIT, "stopped")],
+    ids=["after-a-proposer-timeout", "request-still-running"],
+)
+def test_the_process_exits_while_a_local_request_is_abandoned(script, printed, model_path) -> None:
+    """A timed-out call's daemon thread never keeps the process alive, embedded model included.
+
+    The llama.cpp server's destructor joins its threads holding the GIL: with a request
+    still in flight on another thread, that used to hang the interpreter's exit forever.
+    """
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert printed in result.stdout
+    assert time.perf_counter() - started < 60
