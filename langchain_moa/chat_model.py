@@ -185,7 +185,7 @@ class ChatMoA(BaseChatModel):
 
     @classmethod
     def from_recipe(cls, name: str = "local", **overrides: Any) -> ChatMoA:
-        """Build a ChatMoA from a named recipe or a config file path (see README)."""
+        """Build a ChatMoA from a named recipe or a config file path (see docs/recipes.md)."""
         from langchain_moa.recipes import load_recipe
 
         return cls(**{**load_recipe(name).chat_moa_kwargs(), **overrides})

@@ -397,7 +397,7 @@ def build_moa_graph(
             same rule as `ChatMoA`; None waits for every proposer, the reference structure).
         reference_placement: ``"first_system"`` (the reference structure) or
             ``"after_conversation"`` (drafts in a system message after the conversation,
-            which keeps a provider's prompt cache valid; see README).
+            which keeps a provider's prompt cache valid; see docs/chat-model.md).
         retry_policy: policies for proposer and aggregator nodes; None means
             `DEFAULT_RETRY_POLICY` (transient errors, 3 attempts). Pass
             ``RetryPolicy(max_attempts=1)`` to disable retries.

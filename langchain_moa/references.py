@@ -53,7 +53,7 @@ def inject_references(
     ``"first_system"`` (the reference structure): appended to a leading system message,
     or a new leading system message. ``"after_conversation"``: one system message after
     the conversation, so the conversation stays a prefix shared with the layer before
-    (a provider's prompt cache then serves it; see README for the measured effect).
+    (a provider's prompt cache then serves it; docs/benchmarks.md has the measured effect).
     """
     text = references_text(instruction, answers)
     result = list(messages)

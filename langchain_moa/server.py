@@ -1,7 +1,7 @@
 """`moa serve`: MoAs as virtual models behind an OpenAI-compatible API, LangServe and an
 inspector page, on one server that protects itself.
 
-Routes (see README "Serving"):
+Routes (see docs/serving.md):
 
 - ``GET /v1/models``, ``POST /v1/chat/completions``: every served MoA is a model whose id
   is its recipe or config name. The aggregator is the model that answers: ``tools``,
