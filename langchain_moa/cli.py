@@ -55,10 +55,15 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def build_chat_moa(args: argparse.Namespace) -> Any:
     """ChatMoA from --config/--recipe with --layers, --max-tokens and --temperature applied."""
+    return chat_moa_for(model_source(args), args)[1]
+
+
+def chat_moa_for(source: str, args: argparse.Namespace) -> tuple[str, Any]:
+    """(name, ChatMoA) for one recipe name or config path, with the command's overrides."""
     from langchain_moa.chat_model import ChatMoA
     from langchain_moa.recipes import load_recipe
 
-    recipe = load_recipe(model_source(args))
+    recipe = load_recipe(source)
     if getattr(args, "max_tokens", None) is not None:
         recipe = recipe.with_max_tokens(args.max_tokens)
     kwargs = recipe.chat_moa_kwargs()
@@ -66,7 +71,7 @@ def build_chat_moa(args: argparse.Namespace) -> Any:
         kwargs["layers"] = args.layers
     if getattr(args, "temperature", None) is not None:
         kwargs["temperature"] = args.temperature  # the aggregator's; proposers keep theirs
-    return ChatMoA(**kwargs)
+    return recipe.name, ChatMoA(**kwargs)
 
 
 # ------------------------------------------------------------------------ output
@@ -567,26 +572,16 @@ def _is_loopback(host: str) -> bool:
 
 def served_models(args: argparse.Namespace) -> dict[str, Any]:
     """One ChatMoA per --recipe / --config, keyed by the recipe's or the config's name."""
-    from langchain_moa.chat_model import ChatMoA
-    from langchain_moa.recipes import load_recipe
-
     sources = [*(args.recipe or []), *(args.config or [])] or ["local"]
     models: dict[str, Any] = {}
     for source in sources:
-        recipe = load_recipe(source)
-        if args.max_tokens is not None:
-            recipe = recipe.with_max_tokens(args.max_tokens)
-        kwargs = recipe.chat_moa_kwargs()
-        if args.layers is not None:
-            kwargs["layers"] = args.layers
-        if getattr(args, "temperature", None) is not None:
-            kwargs["temperature"] = args.temperature
-        if recipe.name in models:
+        name, moa = chat_moa_for(source, args)
+        if name in models:
             raise ConfigError(
-                f"two served MoAs are both named {recipe.name!r}; give one a different "
+                f"two served MoAs are both named {name!r}; give one a different "
                 "name = ... in its config file"
             )
-        models[recipe.name] = ChatMoA(**kwargs)
+        models[name] = moa
     return models
 
 

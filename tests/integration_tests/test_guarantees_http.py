@@ -242,7 +242,7 @@ def test_cli_never_prints_the_key(server: ScriptedOpenAIServer, tmp_path: Path, 
     failing_proposer = write_config(tmp_path, server, ["reject", "p2"], "agg")
     result = moa("chat", "--config", str(failing_proposer), "--show-proposals", "q", key=key)
     assert result.returncode == 0, result.stderr
-    assert "proposer 1 [layer 1] failed:" in result.stdout and key not in result.stdout
+    assert "proposer 1 (reject) [layer 1] failed:" in result.stdout and key not in result.stdout
     result = moa("chat", "--config", str(failing_proposer), "--json", "q", key=key)
     assert key not in result.stdout and "***" in result.stdout
 
