@@ -246,23 +246,12 @@ class ChatLocal(ChatOpenAI):
         run_manager: Any = None,
         **kwargs: Any,
     ) -> ChatResult:
-        with request_in_flight():  # the server is not destroyed under a running request
-            return self._generate_now(messages, stop, run_manager, **kwargs)
-
-    def _generate_now(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None,
-        run_manager: Any,
-        **kwargs: Any,
-    ) -> ChatResult:
-        plan = ToolPlan.of(kwargs)
-        messages = _plain_history(messages)
-        if plan is None:
-            return super()._generate(messages, stop, run_manager, **_without_tools(kwargs))
-        messages, kwargs = plan.request(messages, kwargs)
-        result = super()._generate(messages, stop, run_manager, **kwargs)
-        return _read(plan, result)
+        plan, messages, kwargs = _prepare(messages, kwargs)
+        # Counted while it runs: the server is not destroyed under a running request (sync
+        # calls only: those run on threads that an exiting process may have abandoned).
+        with request_in_flight():
+            result = super()._generate(messages, stop, run_manager, **kwargs)
+        return result if plan is None else _read(plan, result)
 
     async def _agenerate(
         self,
@@ -271,13 +260,9 @@ class ChatLocal(ChatOpenAI):
         run_manager: Any = None,
         **kwargs: Any,
     ) -> ChatResult:
-        plan = ToolPlan.of(kwargs)
-        messages = _plain_history(messages)
-        if plan is None:
-            return await super()._agenerate(messages, stop, run_manager, **_without_tools(kwargs))
-        messages, kwargs = plan.request(messages, kwargs)
+        plan, messages, kwargs = _prepare(messages, kwargs)
         result = await super()._agenerate(messages, stop, run_manager, **kwargs)
-        return _read(plan, result)
+        return result if plan is None else _read(plan, result)
 
     def _stream(
         self,
@@ -301,13 +286,27 @@ class ChatLocal(ChatOpenAI):
         run_manager: Any = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        if ToolPlan.of(kwargs) is None:
-            async for chunk in super()._astream(
-                _plain_history(messages), stop, run_manager, **_without_tools(kwargs)
-            ):
-                yield chunk
+        if ToolPlan.of(kwargs) is not None:
+            yield _as_chunk(
+                await self._agenerate(messages, stop, run_manager, **_unstreamed(kwargs))
+            )
             return
-        yield _as_chunk(await self._agenerate(messages, stop, run_manager, **_unstreamed(kwargs)))
+        async for chunk in super()._astream(
+            _plain_history(messages), stop, run_manager, **_without_tools(kwargs)
+        ):
+            yield chunk
+
+
+def _prepare(
+    messages: list[BaseMessage], kwargs: dict[str, Any]
+) -> tuple[ToolPlan | None, list[BaseMessage], dict[str, Any]]:
+    """(plan, messages, call options) for one request: constrained when tools are offered."""
+    plan = ToolPlan.of(kwargs)
+    messages = _plain_history(messages)
+    if plan is None:
+        return None, messages, _without_tools(kwargs)
+    messages, kwargs = plan.request(messages, kwargs)
+    return plan, messages, kwargs
 
 
 def _without_tools(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -271,7 +271,6 @@ class LocalServer:
         if not wait_until_idle(0.5):
             logger.warning("waiting for the embedded model's unfinished answers to end")
         if not wait_until_idle(wait):
-            _KEPT_AT_EXIT.append(server)
             _keep_forever(server)
             logger.debug(
                 "local server for %s left running: requests still in flight", self.model_path.name
@@ -284,7 +283,6 @@ class LocalServer:
 # Requests to the embedded servers now in flight (see `LocalServer.stop`).
 _in_flight = 0
 _in_flight_changed = threading.Condition()
-_KEPT_AT_EXIT: list[Any] = []
 
 
 @contextmanager
