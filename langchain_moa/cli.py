@@ -156,7 +156,6 @@ class _TurnView:
         self._done: set[tuple[int, int]] = set()
         self.answering = False
         self.closed = False
-        self.answer_text = ""
 
     def _status(self) -> str:
         done = min(len(self._done), self._total)
@@ -212,7 +211,6 @@ class _TurnView:
         if text:
             sys.stdout.write(text)
             sys.stdout.flush()
-            self.answer_text += text
 
     def close(self) -> None:
         """Stop the spinner; end a partly streamed answer's line (cancelled turns)."""
@@ -380,15 +378,6 @@ class _ChatSession:
                 view.answer_starts()
             view.close()
             return merged
-
-
-def answer(moa: Any, history: list, args: argparse.Namespace, turn: int) -> Any:
-    """One MoA turn on a fresh session (for scripts and tests; the CLI keeps one session)."""
-    session = _ChatSession(moa, args)
-    try:
-        return session.ask(history, turn)
-    finally:
-        session.close()
 
 
 def _after_turn(message: Any, args: argparse.Namespace) -> None:
