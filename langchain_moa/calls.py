@@ -408,10 +408,25 @@ def check_timeout(value: Any, name: str) -> float | None:
     return None if math.isinf(value) else float(value)
 
 
+_CLIENT_TIMEOUT_NAMES = frozenset({"APITimeoutError", "TimeoutException"})
+
+
+def _is_client_timeout(exc: BaseException) -> bool:
+    """A timeout raised by the model's own HTTP client (openai SDK, httpx) or asyncio."""
+    return isinstance(exc, TimeoutError) or any(
+        cls.__name__ in _CLIENT_TIMEOUT_NAMES for cls in type(exc).__mro__
+    )
+
+
 def _error(call: ModelCall, exc: BaseException) -> CallError:
     # Learn the failing model's keys first: a model no face registered (a sampling
     # policy, a user's bound model) may be the one whose key the provider echoes.
     register_models([call.model])
+    if call.timeout is not None and _is_client_timeout(exc):
+        # The budget went down as the client's request timeout (`ModelCall.kwargs`), so
+        # the client giving up first is the same event as the budget running out: one
+        # account of it, whichever timer fired first.
+        return CallError.timeout(call.role, call.model_name, call.timeout)
     return CallError.from_exception(exc, call.role, call.model_name)
 
 

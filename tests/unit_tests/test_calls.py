@@ -20,7 +20,14 @@ from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
 from pydantic import PrivateAttr
 
 from langchain_moa import ChatMoA, ConfigError, MoAJudge, build_judge_graph, build_moa_graph
-from langchain_moa.calls import CallError, ModelCall, invoke, is_transient_error, run_all
+from langchain_moa.calls import (
+    CallError,
+    ModelCall,
+    arun_all,
+    invoke,
+    is_transient_error,
+    run_all,
+)
 from langchain_moa.testing.fakes import ScriptedChatModel
 
 PATHS = ["invoke", "ainvoke", "stream", "astream"]
@@ -171,6 +178,26 @@ def test_a_timed_out_sync_call_frees_its_slot_and_is_abandoned_on_a_daemon_threa
     assert results[1].message is not None
     abandoned = [t for t in threading.enumerate() if t.name == "moa proposer 1"]
     assert abandoned and all(t.daemon for t in abandoned)
+
+
+class APITimeoutError(Exception):
+    """Named like the openai SDK's client-side timeout (classified by name, as in calls)."""
+
+
+@pytest.mark.parametrize("how", ["sync", "async"])
+async def test_a_client_timeout_within_the_budget_reads_as_the_budget_running_out(
+    how: str,
+) -> None:
+    # The budget is the client's request timeout too, so either timer may fire first;
+    # the account must not depend on which one won.
+    model = tracked("p")
+    model.fail_always, model.error = True, APITimeoutError("Request timed out.")
+    call = ModelCall(model, [HumanMessage("q")], "proposer 1", "proposer", timeout=0.5)
+    result = run_all([call])[0] if how == "sync" else (await arun_all([call]))[0]
+    assert result.error is not None and result.error.timed_out
+    assert str(result.error) == "proposer 1 (p): TimeoutError: no answer within 0.5 s"
+    untimed = ModelCall(model, [HumanMessage("q")], "proposer 1", "proposer")
+    assert run_all([untimed])[0].error.error_type == "APITimeoutError"  # no budget: as is
 
 
 def test_the_remaining_budget_is_passed_down_as_the_client_timeout() -> None:
