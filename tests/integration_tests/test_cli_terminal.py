@@ -97,6 +97,25 @@ class Terminal:
     def send(self, text: str) -> None:
         self.child.send(text.encode())
 
+    def wait_until_idle_at_the_prompt(self, timeout: float = 30) -> None:
+        """Wait until the CLI's main thread sleeps in readline's wait for a key.
+
+        CPython's readline checks for signals only when its ``select()`` is interrupted: a
+        Ctrl-C that lands while it is still handling the previous key (after echoing it)
+        waits for the next key. A person never types that fast; a test does. So the test
+        presses Ctrl-C at an idle prompt, as a person would, instead of racing the echo.
+        """
+        wchan = Path(f"/proc/{self.child.pid}/wchan")
+        if not wchan.exists():  # not Linux: a pause stands in for the check
+            time.sleep(0.5)
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(word in wchan.read_text() for word in ("poll", "select")):
+                return
+            time.sleep(0.02)
+        raise AssertionError("the chat never went idle at its prompt")
+
     def screen(self) -> list[str]:
         screen = pyte.Screen(COLS, ROWS)
         pyte.ByteStream(screen).feed(bytes(self.raw))
@@ -209,6 +228,7 @@ def test_ctrl_c_at_the_prompt_gives_a_fresh_prompt(config: Path, terminal) -> No
     term.expect("you> ")
     term.send("half a thou")
     term.expect("half a thou")  # echoed by readline (a tty drops unread input on Ctrl-C)
+    term.wait_until_idle_at_the_prompt()
     term.child.sendintr()
     term.expect("you> ")
     term.send("hello\r")
