@@ -256,7 +256,7 @@ def guarded(upstream: ScriptedOpenAIServer, tmp_path_factory) -> Iterator[str]:
 
 def test_every_route_needs_the_key(guarded: str) -> None:
     bearer = {"Authorization": f"Bearer {SERVE_KEY}"}
-    for path in ("/", "/v1/models", "/moa/input_schema", "/moa/playground/"):
+    for path in ("/", "/v1/models", "/moa/input_schema", "/docs"):
         refused = httpx.get(guarded + path, timeout=10)
         assert refused.status_code == 401, path
         assert refused.json()["error"]["code"] == "invalid_api_key"
