@@ -58,6 +58,8 @@ from langchain_moa.errors import MoAError
 from langchain_moa.redaction import one_line
 
 API_KEY_ENV = "MOA_SERVE_API_KEY"
+MIN_SERVE_KEY = 16
+"""Shortest `MOA_SERVE_API_KEY` `moa serve` takes for a non-loopback host."""
 log = logging.getLogger(__name__)
 INSPECTOR_HTML = Path(__file__).with_name("inspector.html")
 
@@ -109,6 +111,31 @@ class RunLimiter:
         return self._slots
 
 
+def local_run_bound(models: dict[str, Any]) -> tuple[int, str] | None:
+    """How many MoA runs the embedded local server's slots can serve at once, with why;
+    None when no served MoA runs on it. A run's widest step is its proposers of one layer
+    in parallel, so runs = slots // local proposers (at least 1): admitting more only
+    makes calls wait inside for a slot until they time out."""
+    from langchain_moa.local import slots_at
+
+    bound: tuple[int, str] | None = None
+    for moa in models.values():
+        proposers = list(getattr(moa, "proposers", None) or [])
+        aggregator = getattr(moa, "aggregator", None)
+        for role_models in (proposers, [aggregator]):
+            by_server: dict[str, int] = {}
+            for model in role_models:
+                url = str(getattr(model, "openai_api_base", None) or "")
+                if slots_at(url) is not None:
+                    by_server[url] = by_server.get(url, 0) + 1
+            for url, calls_at_once in by_server.items():
+                slots = slots_at(url) or 1
+                runs = max(1, slots // calls_at_once)
+                if bound is None or runs < bound[0]:
+                    bound = (runs, f"{slots} local slots / {calls_at_once} local calls per run")
+    return bound
+
+
 # --------------------------------------------------------------------- errors
 
 
@@ -150,8 +177,7 @@ def check_json(value: Any, path: str = "", depth: int = 0) -> None:
     """Refuse what JSON parsers let through but nothing downstream should see: nesting
     deeper than 64, NaN and infinities, strings with lone surrogates (not UTF-8)."""
     if depth > _MAX_JSON_DEPTH:
-        raise RequestError(400, f"the body nests deeper than {_MAX_JSON_DEPTH} levels",
-                           path or None)  # fmt: skip
+        raise RequestError(400, f"the body nests deeper than {_MAX_JSON_DEPTH} levels")
     if isinstance(value, float) and not math.isfinite(value):
         raise RequestError(400, f"{path or 'the body'} must be a finite number, got {value}",
                            path or None)  # fmt: skip
