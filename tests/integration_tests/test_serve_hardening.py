@@ -407,7 +407,6 @@ def test_a_short_key_on_a_public_host_is_refused(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.startswith(
-        "moa: error: MOA_SERVE_API_KEY is 1 characters: a key for a public host needs at "
-        "least 16"
+        "moa: error: MOA_SERVE_API_KEY is 1 characters: a key for a public host needs at least 16"
     )
     assert len(result.stderr.strip().splitlines()) == 1

@@ -274,8 +274,18 @@ def test_draft_events_pass_a_plain_sdk_loop(served: str) -> None:
 
 
 def test_tool_call_message_has_null_content(served: str) -> None:
-    tools = [{"type": "function", "function": {"name": "multiply", "parameters": {
-        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "multiply",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                },
+            },
+        }
+    ]
     response = httpx.post(f"{served}/v1/chat/completions", json={
         "model": "tools", "messages": [{"role": "user", "content": "17 x 23"}], "tools": tools,
     }, timeout=30).json()  # fmt: skip
