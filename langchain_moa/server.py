@@ -585,6 +585,21 @@ def log_unexpected(exc: BaseException, where: str) -> None:
     log.debug("traceback", exc_info=exc)
 
 
+class Reported(Exception):
+    """A failure already logged (one line) and answered; the Guard stays quiet about it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _reported(exc: BaseException) -> bool:
+    group = getattr(exc, "exceptions", None)  # an exception group (anyio task groups)
+    if isinstance(group, (list, tuple)) and group:
+        return all(_reported(e) for e in group)
+    return isinstance(exc, Reported)
+
+
 class PerItemBatch(RunnableBinding):
     """The LangServe face of a served MoA: each run takes a server slot, and a batch
     fails item by item (a failed item is an empty AI message whose
@@ -607,8 +622,13 @@ class PerItemBatch(RunnableBinding):
         self, input: Any, config: RunnableConfig | None = None, **kw: Any
     ) -> AsyncIterator[Any]:
         async with self.limiter.slot():
-            async for chunk in self.bound.astream(input, config, **kw):
-                yield chunk
+            try:
+                async for chunk in self.bound.astream(input, config, **kw):
+                    yield chunk
+            except (calls.CallError, MoAError, ValueError) as exc:
+                # LangServe ends the stream with its error event; the log gets one line
+                status, text = upstream_status(exc)
+                raise Reported(status, text) from None
 
     async def abatch(
         self, inputs: list[Any], config: Any = None, *, return_exceptions: bool = False,
@@ -636,15 +656,35 @@ class PerItemBatch(RunnableBinding):
 ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 
 
-def runs_of(method: str, path: str, body: bytes, max_batch: int) -> int:
+def check_chat_input(value: Any, param: str, schema: Any = None) -> None:
+    """A LangServe input as the served runnable's input schema takes it (a string, a list
+    of messages like ``{"type": "human", "content": "..."}``, a serialized prompt value);
+    RequestError(400) naming `param` otherwise, where LangServe would answer 500 (its
+    message validation raises TypeError for a message without a ``type``)."""
+    if value == []:
+        raise RequestError(400, f"'{param}' is an empty conversation", param)
+    if schema is None:
+        return
+    try:
+        schema.model_validate(value)
+    except Exception:
+        raise RequestError(400, f"'{param}' must be a string or a list of messages like "
+                                '{"type": "human", "content": "..."}', param) from None  # fmt: skip
+
+
+def runs_of(method: str, path: str, body: bytes, max_batch: int, schema: Any = None) -> int:
     """The MoA runs a request asks for: every POST is one (the app serves no POST that is
-    not a run), a batch of n inputs is n. RequestError for a batch that is malformed or
-    over `max_batch`."""
+    not a run), a batch of n inputs is n. RequestError for a LangServe body that is
+    malformed, or a batch over `max_batch`."""
     if method != "POST":
         return 0
-    if not path.rstrip("/").endswith("/batch"):
+    if not path.startswith("/moa/"):
         return 1
     data = parse_json(body or b"{}")
+    if not path.rstrip("/").endswith("/batch"):
+        if isinstance(data, dict) and "input" in data:
+            check_chat_input(data["input"], "input", schema)
+        return 1  # (LangServe names a missing 'input' itself)
     inputs = data.get("inputs") if isinstance(data, dict) else None
     if not isinstance(inputs, list):
         raise RequestError(400, "a batch body is {\"inputs\": [input, ...]}: 'inputs' must be "
@@ -652,6 +692,8 @@ def runs_of(method: str, path: str, body: bytes, max_batch: int) -> int:
     if len(inputs) > max_batch:
         raise RequestError(413, f"a batch of {len(inputs)} inputs is over the limit of "
                                 f"{max_batch}; split it")  # fmt: skip
+    for i, item in enumerate(inputs):
+        check_chat_input(item, f"inputs[{i}]", schema)
     return max(1, len(inputs))
 
 
@@ -677,10 +719,14 @@ class Guard:
     """Auth, body and batch limits, JSON checks, admission, the request deadline,
     cancel-on-disconnect and OpenAI-format errors, for every route."""
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, limiter: RunLimiter) -> None:
+    def __init__(
+        self, app: ASGIApp, *, api_key: str | None, limiter: RunLimiter, input_schema: Any = None
+    ) -> None:
         self.app = app
         self.api_key = api_key
         self.limiter = limiter
+        self.input_schema = input_schema
+        """The LangServe runnable's input schema (its inputs are checked against it)."""
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -690,7 +736,8 @@ class Guard:
         try:
             await self._guarded(scope, receive, response)
         except Exception as exc:  # the one place nothing gets past: one line, OpenAI JSON
-            log_unexpected(exc, f"{scope.get('method')} {scope.get('path')}")
+            if not _reported(exc):
+                log_unexpected(exc, f"{scope.get('method')} {scope.get('path')}")
             if not response.started:
                 await _reply(response.send, 500, error_body(500, "internal error; see the "
                                                                  "server log"))  # fmt: skip
@@ -715,9 +762,8 @@ class Guard:
             await _reply(send, 413, error_body(413, f"request body over {limit} bytes"))
             return
         try:
-            async with asyncio.timeout(limits.body_timeout_s):
-                body = await _read_body(receive, limit)
-        except TimeoutError:
+            body = await asyncio.wait_for(_read_body(receive, limit), limits.body_timeout_s)
+        except asyncio.TimeoutError:
             await _reply(send, 408, error_body(408, f"the request body did not arrive within "
                                                     f"{limits.body_timeout_s:g} s"),
                          [(b"connection", b"close")])  # fmt: skip
@@ -731,7 +777,7 @@ class Guard:
         try:
             if method == "POST" and body.strip():
                 parse_json(body)  # every route: no NaN, lone surrogate or 1000-deep nesting
-            runs = runs_of(method, path, body, limits.max_batch)
+            runs = runs_of(method, path, body, limits.max_batch, self.input_schema)
         except RequestError as exc:
             await _reply(send, exc.status, error_body(exc.status, str(exc), exc.param))
             return
@@ -742,9 +788,9 @@ class Guard:
                          [(b"retry-after", retry)])  # fmt: skip
             return
         try:
-            async with asyncio.timeout(limits.request_timeout_s if runs else None):
-                await self._run_until_disconnect(scope, body, receive, send)
-        except TimeoutError:
+            await asyncio.wait_for(self._run_until_disconnect(scope, body, receive, send),
+                                   limits.request_timeout_s if runs else None)  # fmt: skip
+        except asyncio.TimeoutError:
             await self._timed_out(path, response)
         finally:
             self.limiter.release(runs)
@@ -908,13 +954,14 @@ def create_app(
     async def inspector() -> str:
         return INSPECTOR_HTML.read_text(encoding="utf-8")
 
+    schema = None
     try:
         from langserve import add_routes
     except ImportError:  # the OpenAI API needs only FastAPI
         pass
     else:
-        first = next(iter(models.values()))
-        add_routes(app, PerItemBatch(bound=first, limiter=limiter), path="/moa",
-                   enabled_endpoints=list(LANGSERVE_ENDPOINTS))  # fmt: skip
+        runnable = PerItemBatch(bound=next(iter(models.values())), limiter=limiter)
+        add_routes(app, runnable, path="/moa", enabled_endpoints=list(LANGSERVE_ENDPOINTS))
+        schema = runnable.get_input_schema()
     app.state.limiter = limiter
-    return Guard(app, api_key=api_key, limiter=limiter)
+    return Guard(app, api_key=api_key, limiter=limiter, input_schema=schema)
