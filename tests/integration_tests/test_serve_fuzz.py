@@ -57,8 +57,13 @@ role = st.one_of(st.sampled_from(["system", "developer", "user", "assistant", "t
 message = st.one_of(
     st.fixed_dictionaries(
         {"role": role, "content": st.one_of(st.text(max_size=20), hostile)},
-        optional={"name": hostile, "tool_calls": hostile, "tool_call_id": hostile,
-                  "audio": st.none(), "refusal": st.none()},  # fmt: skip
+        optional={
+            "name": hostile,
+            "tool_calls": hostile,
+            "tool_call_id": hostile,
+            "audio": st.none(),
+            "refusal": st.none(),
+        },  # fmt: skip
     ),
     hostile,
 )
@@ -72,9 +77,18 @@ field_values = {
     "max_completion_tokens": st.one_of(st.integers(1, 50), hostile),
     "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=5), hostile),
     "seed": hostile,
-    "tools": st.one_of(st.lists(st.fixed_dictionaries({"type": st.just("function"),
-                       "function": st.fixed_dictionaries({"name": st.text(max_size=5)})}),
-                       max_size=2), hostile),  # fmt: skip
+    "tools": st.one_of(
+        st.lists(
+            st.fixed_dictionaries(
+                {
+                    "type": st.just("function"),
+                    "function": st.fixed_dictionaries({"name": st.text(max_size=5)}),
+                }
+            ),
+            max_size=2,
+        ),
+        hostile,
+    ),  # fmt: skip
     "tool_choice": hostile,
     "parallel_tool_calls": hostile,
     "response_format": st.one_of(
@@ -85,8 +99,10 @@ field_values = {
 }
 chat_body = st.one_of(
     st.fixed_dictionaries(
-        {"model": st.one_of(st.just("fake"), hostile),
-         "messages": st.one_of(st.lists(message, min_size=1, max_size=3), hostile)},
+        {
+            "model": st.one_of(st.just("fake"), hostile),
+            "messages": st.one_of(st.lists(message, min_size=1, max_size=3), hostile),
+        },
         optional=field_values,
     ),  # fmt: skip
     hostile,
