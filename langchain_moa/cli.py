@@ -626,7 +626,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         markup=False,
     )
     err.print(
-        f"limits: {max_runs} runs at once ({why}), {args.max_queue} queued, "
+        f"limits: {max_runs} run{'' if max_runs == 1 else 's'} at once ({why}), "
+        f"{args.max_queue} queued, "
         f"{args.request_timeout:g} s per request",
         markup=False,
     )

@@ -410,3 +410,40 @@ def test_a_short_key_on_a_public_host_is_refused(tmp_path: Path) -> None:
         "moa: error: MOA_SERVE_API_KEY is 1 characters: a key for a public host needs at least 16"
     )
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.local_model
+def test_the_local_recipe_queues_instead_of_timing_out_inside() -> None:
+    """`--recipe local` on the embedded model's 4 slots: one run at a time (3 proposers
+    each), the rest queue; 6 requests at once all get their answer, none a 502."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "langchain_moa.cli", "serve", "--recipe", "local",
+         "--max-tokens", "6", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    root = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(f"{root}/v1/models", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.3)
+
+        async def burst() -> list[int]:
+            sent = {"model": "local", "messages": [{"role": "user", "content": "Say hi."}]}
+            async with httpx.AsyncClient(timeout=300) as http:
+                replies = await asyncio.gather(
+                    *(http.post(f"{root}/v1/chat/completions", json=sent) for _ in range(6))
+                )
+            return [r.status_code for r in replies]
+
+        assert asyncio.run(burst()) == [200] * 6
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=60)
+    assert "limits: 1 run at once (4 local slots / 3 local calls per run)" in err, err
+    assert "Traceback" not in err
