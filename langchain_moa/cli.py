@@ -832,10 +832,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "embedded local model's slots can serve)")  # fmt: skip
     serve.add_argument("--max-queue", type=_non_negative, default=64,
                        help="runs that may wait for a slot before 429 (default: 64)")  # fmt: skip
-    serve.add_argument("--request-timeout", type=_seconds, default=300.0, metavar="S",
+    serve.add_argument("--request-timeout", type=_seconds, default=300, metavar="S",
                        help="deadline of one request, queue included; past it the run stops "
                        "and the client gets 504 (default: 300)")  # fmt: skip
-    serve.add_argument("--body-timeout", type=_seconds, default=30.0, metavar="S",
+    serve.add_argument("--body-timeout", type=_seconds, default=30, metavar="S",
                        help="time a client has to send its request body; 408 after "
                        "(default: 30)")  # fmt: skip
     serve.add_argument("--max-connections", type=_positive, default=1000, metavar="N",

@@ -779,7 +779,10 @@ class Guard:
                 parse_json(body)  # every route: no NaN, lone surrogate or 1000-deep nesting
             runs = runs_of(method, path, body, limits.max_batch, self.input_schema)
         except RequestError as exc:
-            await _reply(send, exc.status, error_body(exc.status, str(exc), exc.param))
+            refusal = error_body(exc.status, str(exc), exc.param)
+            if path.startswith("/moa/"):
+                refusal["detail"] = refusal["error"]["message"]  # where LangServe clients look
+            await _reply(send, exc.status, refusal)
             return
         if runs and not self.limiter.try_admit(runs):
             retry = str(limits.retry_after_s).encode()
