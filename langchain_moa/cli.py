@@ -580,33 +580,63 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import langserve  # noqa: F401  (the /moa routes are part of what `moa serve` serves)
         import uvicorn
 
-        from langchain_moa.server import API_KEY_ENV, ServeLimits, create_app
+        from langchain_moa.server import (
+            API_KEY_ENV,
+            MIN_SERVE_KEY,
+            ServeLimits,
+            create_app,
+            local_run_bound,
+        )
     except ImportError:
         raise ConfigError(
             "serving needs the 'serve' extra: pip install 'langchain-moa[serve]'"
         ) from None
     api_key = os.environ.get(API_KEY_ENV) or None
-    if not _is_loopback(args.host) and api_key is None and not args.allow_public:
+    public = not _is_loopback(args.host)
+    if public and api_key is None and not args.allow_public:
         raise ConfigError(
             f"refusing to serve on {args.host} without a key: set {API_KEY_ENV}, or pass "
             "--allow-public to serve it to anyone who can reach this machine"
         )
+    if public and api_key is not None and len(api_key) < MIN_SERVE_KEY:
+        raise ConfigError(
+            f"{API_KEY_ENV} is {len(api_key)} characters: a key for a public host needs at "
+            f"least {MIN_SERVE_KEY} (e.g. python -c 'import secrets; "
+            "print(secrets.token_urlsafe(24))')"
+        )
     if api_key is not None:
         register_secrets([api_key])
     models = served_models(args)
+    max_runs, why = args.max_runs, "--max-runs"
+    if max_runs is None:
+        max_runs, why = 16, "default"
+        bound = local_run_bound(models)
+        if bound is not None and bound[0] < max_runs:
+            max_runs, why = bound
     limits = ServeLimits(
         max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
-        max_runs=args.max_runs, max_queue=args.max_queue,
+        max_runs=max_runs, max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout, body_timeout_s=args.body_timeout,
     )  # fmt: skip
     app = create_app(models, api_key=api_key, limits=limits)
     base = f"http://{args.host}:{args.port}"
     err.print(
         f"serving {', '.join(models)} at {base}/v1 (OpenAI API), {base}/moa (LangServe: "
-        f"invoke, stream, batch, playground), inspector at {base}/"
-        + (" (key required)" if api_key else ""),
+        f"invoke, stream, batch), inspector at {base}/" + (" (key required)" if api_key else ""),
         markup=False,
     )
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    err.print(
+        f"limits: {max_runs} run{'' if max_runs == 1 else 's'} at once ({why}), "
+        f"{args.max_queue} queued, "
+        f"{args.request_timeout:g} s per request",
+        markup=False,
+    )
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning",
+        # connections beyond this get 503 before reaching the app; idle keep-alive
+        # connections close after 5 s (slow bodies: the app's --body-timeout)
+        limit_concurrency=args.max_connections, timeout_keep_alive=5,
+    )  # fmt: skip
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # configured by Config
         install_log_redaction(logging.getLogger(name))
     uvicorn.Server(config).run()
@@ -623,6 +653,26 @@ def _positive(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _non_negative(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {number}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
     return number
 
 
@@ -777,10 +827,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest request body (default: 1000000)")  # fmt: skip
     serve.add_argument("--max-batch", type=_positive, default=32,
                        help="most inputs in one /moa/batch (default: 32)")  # fmt: skip
-    serve.add_argument("--max-runs", type=_positive, default=16,
-                       help="MoA runs in flight across the server (default: 16)")  # fmt: skip
-    serve.add_argument("--max-queue", type=int, default=64,
+    serve.add_argument("--max-runs", type=_positive, default=None,
+                       help="MoA runs in flight across the server (default: 16, or what the "
+                       "embedded local model's slots can serve)")  # fmt: skip
+    serve.add_argument("--max-queue", type=_non_negative, default=64,
                        help="runs that may wait for a slot before 429 (default: 64)")  # fmt: skip
+    serve.add_argument("--request-timeout", type=_seconds, default=300, metavar="S",
+                       help="deadline of one request, queue included; past it the run stops "
+                       "and the client gets 504 (default: 300)")  # fmt: skip
+    serve.add_argument("--body-timeout", type=_seconds, default=30, metavar="S",
+                       help="time a client has to send its request body; 408 after "
+                       "(default: 30)")  # fmt: skip
+    serve.add_argument("--max-connections", type=_positive, default=1000, metavar="N",
+                       help="open connections before uvicorn answers 503 "
+                       "(default: 1000)")  # fmt: skip
     serve.set_defaults(func=cmd_serve)
 
     # `generate` and `label` live in their own module; the CLI works without it.

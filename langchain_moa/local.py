@@ -328,6 +328,15 @@ def local_server(model: str | None = None, *, n_parallel: int = 4) -> LocalServe
         return server
 
 
+def slots_at(base_url: str | None) -> int | None:
+    """Parallel slots of the embedded server at `base_url` (None if it is not one)."""
+    with _SERVERS_LOCK:
+        for server in _SERVERS.values():
+            if base_url and server.base_url and base_url.rstrip("/") == server.base_url.rstrip("/"):
+                return server.n_parallel
+    return None
+
+
 @atexit.register
 def stop_all(wait: float = 120.0) -> None:
     """Stop every embedded server (also registered to run at interpreter exit)."""

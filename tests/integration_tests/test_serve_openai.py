@@ -59,6 +59,7 @@ def upstream() -> Iterator[ScriptedOpenAIServer]:
         "aggbad": ModelScript(fail_always=True, fail_status=500),
         "slow": ModelScript(reply="slow draft", latency=1.0),
         "aggpoison": ModelScript(reply=poison_aware),
+        "pbad": ModelScript(fail_always=True, fail_status=500),
     }
     with ScriptedOpenAIServer(scripts=scripts) as server:
         yield server
@@ -73,6 +74,8 @@ def served(upstream: ScriptedOpenAIServer, tmp_path_factory) -> Iterator[str]:
         write_config(folder / "broken.toml", upstream, "broken", ["p1"], "aggbad",
                      "min_proposers = 1\n"),  # fmt: skip
         write_config(folder / "slow.toml", upstream, "slow", ["slow"], "agg"),
+        write_config(folder / "flaky.toml", upstream, "flaky", ["p1", "pbad"], "agg",
+                     "min_proposers = 1\n"),  # fmt: skip
     ]  # fmt: skip
     extra = [a for c in configs[1:] for a in ("--config", str(c))]
     base, process = start_moa_serve(configs[0], env={"SCRIPTED_KEY": UPSTREAM_KEY}, args=extra)
@@ -94,7 +97,7 @@ def openai_client(root: str, key: str = "unused") -> Any:
 
 def test_models_lists_every_served_moa(served: str) -> None:
     ids = [m.id for m in openai_client(served).models.list().data]
-    assert ids == ["alpha", "tools", "broken", "slow"]
+    assert ids == ["alpha", "tools", "broken", "slow", "flaky"]
 
 
 def test_openai_client_gets_the_answer_and_usage_of_every_call(served: str) -> None:
@@ -179,7 +182,7 @@ def test_errors_are_openai_error_json(served: str) -> None:
     assert "'messages' must be a non-empty list" in bad.value.message
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
-    assert "model 'nope' is not served here; served: alpha, tools, broken, slow" in str(
+    assert "model 'nope' is not served here; served: alpha, tools, broken, slow, flaky" in str(
         missing.value
     )
     with pytest.raises(openai.APIStatusError) as upstream_failed:
@@ -188,6 +191,106 @@ def test_errors_are_openai_error_json(served: str) -> None:
     text = upstream_failed.value.response.text
     assert "aggregator (aggbad)" in text and UPSTREAM_KEY not in text and "Traceback" not in text
     assert upstream_failed.value.body["type"] == "upstream_error"
+
+
+def test_max_completion_tokens_caps_the_answer(served: str, upstream: ScriptedOpenAIServer) -> None:
+    """What `ChatOpenAI(max_tokens=...)` and pydantic-ai send: the aggregator's cap."""
+    before = len(upstream.requests_for("agg"))
+    response = openai_client(served).chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "cap me"}], max_completion_tokens=2
+    )
+    sent = upstream.requests_for("agg")[before:][-1].body
+    assert sent.get("max_completion_tokens", sent.get("max_tokens")) == 2
+    assert response.choices[0].finish_reason == "length"
+    assert response.choices[0].message.content == "the served "
+
+
+def test_chat_openai_max_tokens_reaches_the_aggregator(served: str) -> None:
+    from langchain_openai import ChatOpenAI
+
+    model = ChatOpenAI(model="alpha", base_url=f"{served}/v1", api_key="unused", max_tokens=2,
+                       max_retries=0)  # fmt: skip
+    message = model.invoke("cap me too")
+    assert message.content == "the served "
+    assert message.response_metadata["finish_reason"] == "length"
+
+
+def test_response_format_with_a_cut_off_answer_is_a_length_finish(served: str) -> None:
+    client = openai_client(served)
+    question = [{"role": "user", "content": "json please"}]
+    fmt = {"type": "json_object"}
+    response = client.chat.completions.create(model="alpha", messages=question,
+                                              response_format=fmt, max_tokens=2)  # fmt: skip
+    assert response.choices[0].finish_reason == "length"
+    assert response.choices[0].message.content == "the served "
+    chunks = list(client.chat.completions.create(model="alpha", messages=question,
+                                                 response_format=fmt, max_tokens=2,
+                                                 stream=True))  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "the served "
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_history_from_model_dump_and_n_null(served: str) -> None:
+    client = openai_client(served)
+    first = client.chat.completions.create(model="alpha", messages=[{"role": "user",
+                                           "content": "hi"}])  # fmt: skip
+    history = [{"role": "user", "content": "hi"}, first.choices[0].message.model_dump(),
+               {"role": "user", "content": "again"}]  # fmt: skip
+    assert "audio" in history[1] and history[1]["audio"] is None  # as the SDK dumps it
+    again = client.chat.completions.create(model="alpha", messages=history, n=None)
+    assert again.choices[0].message.content == "the served answer"
+
+
+def test_models_retrieve(served: str) -> None:
+    import openai
+
+    client = openai_client(served)
+    assert client.models.retrieve("alpha").id == "alpha"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("nope")
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as route:
+        client.completions.create(model="alpha", prompt="hi")
+    assert "no route POST /v1/completions" in route.value.message
+
+
+def test_draft_events_pass_a_plain_sdk_loop(served: str) -> None:
+    """The `openai` SDK, streaming with drafts, a failing proposer among them: the common
+    loop over `chunk.choices` reads the answer, and the drafts are there for who looks."""
+    stream = openai_client(served).chat.completions.create(
+        model="flaky", messages=[{"role": "user", "content": "hi"}], stream=True,
+        extra_body={"moa": {"drafts": True}},
+    )  # fmt: skip
+    text, drafts = "", []
+    for chunk in stream:
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+        if chunk.object == "moa.draft":
+            drafts.append(chunk.to_dict())
+    assert text == "the served answer"
+    by_model = {d["model"]: d for d in drafts}
+    assert by_model["p1"]["answer"] == "draft one" and by_model["p1"]["failure"] is None
+    assert "scripted failure" in by_model["pbad"]["failure"]
+
+
+def test_tool_call_message_has_null_content(served: str) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "multiply",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                },
+            },
+        }
+    ]
+    response = httpx.post(f"{served}/v1/chat/completions", json={
+        "model": "tools", "messages": [{"role": "user", "content": "17 x 23"}], "tools": tools,
+    }, timeout=30).json()  # fmt: skip
+    message = response["choices"][0]["message"]
+    assert message["tool_calls"] and message["content"] is None
 
 
 def test_langserve_bad_input_is_a_400_without_traceback(served: str) -> None:
@@ -256,7 +359,7 @@ def guarded(upstream: ScriptedOpenAIServer, tmp_path_factory) -> Iterator[str]:
 
 def test_every_route_needs_the_key(guarded: str) -> None:
     bearer = {"Authorization": f"Bearer {SERVE_KEY}"}
-    for path in ("/", "/v1/models", "/moa/input_schema", "/moa/playground/"):
+    for path in ("/", "/v1/models", "/moa/input_schema", "/docs"):
         refused = httpx.get(guarded + path, timeout=10)
         assert refused.status_code == 401, path
         assert refused.json()["error"]["code"] == "invalid_api_key"
@@ -397,7 +500,7 @@ def test_inspector_page_in_a_real_browser(served: str, tmp_path: Path) -> None:
                            tmp_path / "profile")  # fmt: skip
     assert state, "the page never finished its answer"
     assert state["question"] == "Why is the sky blue"
-    assert state["models"] == ["alpha", "tools", "broken", "slow"]
+    assert state["models"] == ["alpha", "tools", "broken", "slow", "flaky"]
     assert state["layers"] == 1 and len(state["drafts"]) == 2
     first, second = sorted(state["drafts"])
     assert first.startswith("proposer 1 · p1 · ") and "tokens" in first and "draft one" in first
