@@ -46,6 +46,7 @@ from langchain_core.runnables import RunnableConfig
 from langchain_moa import calls
 from langchain_moa.calls import CallResult, ModelCall
 from langchain_moa.errors import ConfigError
+from langchain_moa.recipes import MAX_SAMPLES
 from langchain_moa.redaction import one_line, redact
 
 HF_PREFIX = "hf://datasets/"
@@ -951,6 +952,11 @@ async def alabel(
     """For every prompt, candidates ranked by `judge`, as a conversational TRL DPO row."""
     if samples < 2:
         raise ConfigError("--samples must be at least 2 (a preference pair needs two answers)")
+    if samples > MAX_SAMPLES:
+        raise ConfigError(
+            f"--samples must be at most {MAX_SAMPLES} (pairwise judging costs samples squared "
+            "calls per judge and prompt)"
+        )
     source = resolve_input(input)
     rows, problems = read_rows(source, with_responses=True, keep_duplicates=keep_duplicates)
     if policy is None:

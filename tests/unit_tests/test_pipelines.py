@@ -315,3 +315,12 @@ def test_cli_generate_and_label(tmp_path: Path, monkeypatch, capsys) -> None:
     assert cli.main(["label", str(bad), str(tmp_path / "d2.jsonl"), "--no-aggregate"]) == 1
     assert "line 1: invalid JSON at column 2" in capsys.readouterr().err
     assert cli.main(["generate", str(tmp_path / "missing.jsonl"), str(out)]) == cli.EXIT_USER_ERROR
+
+
+def test_label_samples_have_the_config_files_range(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "q"}])
+    judge = MoAJudge(judges=[ScriptedChatModel(reply="[[A]]")])
+    policy = ScriptedChatModel(reply="x")
+    with pytest.raises(ConfigError, match=r"--samples must be at most 32 \(pairwise judging"):
+        label(source, tmp_path / "out.jsonl", judge, policy=policy, samples=33)
+    assert policy.calls == [] and not (tmp_path / "out.jsonl").exists()
