@@ -279,8 +279,8 @@ def _explicit_id(data: dict[str, Any]) -> str | None:
     value = data.get("id")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"'id' must be a string or an integer, got {type(value).__name__}")
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"'id' must be a string or a number, got {type(value).__name__}")
     return str(value)
 
 
@@ -394,7 +394,13 @@ def read_rows(
 
 
 def _problem(line: int, row_id: str | None, kind: str, reason: str) -> dict[str, Any]:
-    return {"id": row_id, "line": line, "kind": kind, "reason": one_line(reason, 2000, whole=True)}
+    return {"id": row_id, "line": line, "kind": kind, "reason": _reason_line(reason)}
+
+
+def _reason_line(text: str) -> str:
+    """One complete, redacted line, with any lone surrogate spelled out (``\\udc00``)."""
+    text = one_line(text, 2000, whole=True)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ----------------------------------------------------------------------- output
@@ -811,7 +817,7 @@ async def _first_then_the_rest(
 
 def error_reason(exc: BaseException) -> str:
     """One complete, redacted line for the errors file (call errors already name the model)."""
-    text = one_line(str(exc), limit=2000, whole=True)
+    text = _reason_line(str(exc))
     if isinstance(exc, (calls.CallError, ConfigError)) or not text:
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}"

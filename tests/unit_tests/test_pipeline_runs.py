@@ -480,7 +480,10 @@ HOSTILE_LINES = {
         b'{"messages": [{"role": "user", "content": {"text": "q"}}]}',
         "messages[0]: ValidationError: ",
     ),
-    "an id that is a list": (b'{"id": [1], "prompt": "q"}', "'id' must be a string or an integer"),
+    "an id that is a list": (
+        b'{"id": [1], "prompt": "q"}',
+        "'id' must be a string or a number, got list",
+    ),
 }
 
 
@@ -547,8 +550,9 @@ def test_a_lone_surrogate_from_a_model_fails_its_row_only(tmp_path: Path) -> Non
     assert sorted(answered_in(out)) == ["ok", "ok too"]
     reasons = [e["reason"] for e in read_jsonl(errors_path_for(out))]
     assert any("the output row holds a lone surrogate \\ud83d" in r for r in reasons), reasons
-    assert any("upstream said" in r for r in reasons), reasons
+    assert any(r.endswith("upstream said \\udc00") for r in reasons), reasons  # spelled out
     errors_path_for(out).read_bytes().decode("utf-8")
+    assert all(f["reason"].encode("utf-8") for f in summary.failures)  # printable as they are
 
 
 # ------------------------------------------------------ files a run writes vs input
