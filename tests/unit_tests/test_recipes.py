@@ -656,6 +656,23 @@ assert redact(RANDOM_KEY) == RANDOM_KEY
 
 
 @pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("alias.yaml", f"layers: *{RANDOM_KEY}\n", "invalid YAML at line 1, column 9: found "
+         "undefined alias '...'"),
+        ("twice.toml", f"[{RANDOM_KEY}]\n[{RANDOM_KEY}]\n", "invalid TOML: Cannot declare "
+         "('...',) twice (at line 2, column 22)"),
+    ],
+)  # fmt: skip
+def test_a_random_key_in_a_parse_error_is_never_repeated(
+    tmp_path: Path, run_with_config, name: str, text: str, message: str
+) -> None:
+    path = write(tmp_path, text, name)
+    code, err = run_with_config(path)
+    assert _one_error_line(code, err, path) == message and RANDOM_KEY not in err
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         (f"[aggregator]\nmodel='m'\nbase_url='http://x'\napi_key_env='{RANDOM_KEY}'\n",
