@@ -51,9 +51,26 @@ def _report(summary: Any, output: str) -> int:
         err.print(f"  {where}: {failure['reason']}", markup=False)
     if len(summary.failures) > 10:
         err.print(f"  ... {len(summary.failures) - 10} more in {summary.errors_path}", markup=False)
+    if summary.changed:
+        err.print(_changed_line(summary.changed, output), markup=False)
     if summary.uploaded_to:
         err.print(f"uploaded to {summary.uploaded_to}", markup=False)
     return 0 if summary.ok else 1
+
+
+def _changed_line(changed: list[dict[str, Any]], output: str) -> str:
+    """One line for the rows whose id is done but whose content was edited since."""
+    from langchain_moa.redaction import one_line
+
+    ids = ", ".join(one_line(str(c["id"]), 40) for c in changed[:5])
+    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+    n = len(changed)
+    rows = "row was" if n == 1 else "rows were"
+    return (
+        f"  {n} {rows} not redone although the input changed under an id already in "
+        f"{output} ({ids}{more}): an id marks its row done; to redo one, remove its line "
+        "from OUT or give it a new id"
+    )
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:

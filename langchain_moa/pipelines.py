@@ -8,17 +8,21 @@ for `label`, optional ``responses`` to rank).
 
 Exactly once: a row's identity is its ``id``, else a hash of its content (the conversation,
 plus ``responses`` for `label`), so editing, reordering or appending to the input never
-skips or repeats a prompt. Each finished row is appended to OUT as one line, flushed and
-fsynced; a re-run first drops a torn last line (a kill mid-write), then skips every row
-whose identity is already there. An exclusive lock (``OUT.lock``) keeps a second run off
-the same OUT. Content that appears twice is answered once and reported, unless asked for
-(``keep_duplicates``). Failed, malformed and duplicate rows go to ``OUT.errors.jsonl``
-with one complete line of reason each.
+skips or repeats a prompt. An ``id`` marks its row done: a row whose id is in OUT is
+skipped even when its content was edited since, and the summary says so (``changed``).
+Each finished row is appended to OUT as one line, flushed and fsynced; a re-run first
+drops a torn last line (a kill mid-write), then skips every row whose identity is already
+there. An exclusive lock (``OUT.lock``) keeps a second run off the same OUT. Content that
+appears twice is answered once and reported, unless asked for (``keep_duplicates``).
+Failed, malformed and duplicate rows go to ``OUT.errors.jsonl`` with one complete line of
+reason each. Whatever its bytes (invalid UTF-8, a lone surrogate, a role a plain
+conversation cannot hold, nesting too deep to parse), a bad line is one malformed row,
+found when the input is read, before any model call.
 
-Before any row is sent: OUT and its errors file must be writable, OUT must not be the
-input, a Hub upload needs a token. The first row then runs alone: if a model cannot be
-reached (connection refused, unknown model, rejected key) the run stops there, before
-spending anything on the other rows.
+Before any row is sent: none of the files a run writes (OUT, its errors file, its lock) may
+be the input, OUT and its errors file must be writable, a Hub upload needs a token. The
+first row then runs alone: if a model cannot be reached (connection refused, unknown model,
+rejected key) the run stops there, before spending anything on the other rows.
 """
 
 from __future__ import annotations
@@ -36,12 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from langchain_core.messages import convert_to_messages
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, convert_to_messages
 from langchain_core.runnables import RunnableConfig
 
 from langchain_moa import calls
 from langchain_moa.calls import CallResult, ModelCall
 from langchain_moa.errors import ConfigError
+from langchain_moa.recipes import MAX_SAMPLES
 from langchain_moa.redaction import one_line, redact
 
 HF_PREFIX = "hf://datasets/"
@@ -60,6 +65,8 @@ class InputRow:
     prompt: str | None
     messages: list[dict[str, Any]]
     responses: list[str] | None = None
+    explicit: bool = False
+    """The id came from the input (not a content hash): OUT may hold other content under it."""
 
     @property
     def identity(self) -> str:
@@ -82,6 +89,9 @@ class RunSummary:
     duplicates: int = 0
     not_attempted: int = 0
     """Rows left alone because the run stopped early (see `RunStopped`)."""
+    changed: list[dict[str, Any]] = field(default_factory=list)
+    """Rows counted in `skipped` whose explicit id is in OUT with other content: not redone
+    (an id marks a row done). Each is ``{"id", "line", "kind": "changed", "reason"}``."""
     errors_path: Path | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
     uploaded_to: str | None = None
@@ -101,9 +111,12 @@ class RunSummary:
 
     def describe(self) -> str:
         """``read 5 rows: 1 already done, 2 written, 1 failed, 1 malformed``."""
+        done = "already done"
+        if self.changed:
+            done += f" ({len(self.changed)} with changed content under the same id)"
         parts = [
             (self.other_shards, "in other shards"),
-            (self.skipped, "already done"),
+            (self.skipped, done),
             (self.written, "written"),
             (self.failed, "failed"),
             (self.malformed, "malformed"),
@@ -206,16 +219,42 @@ def _from_hub(repo_id: str, filename: str) -> Path:
         hub_logger.setLevel(level)
 
 
+# Roles a pipeline row can hold: plain conversations. A tool result needs the assistant's
+# tool call it answers, which a role/content row does not carry.
+_ROLE_TYPES = (HumanMessage, AIMessage, SystemMessage)
+
+
 def _message_dicts(messages: Any) -> list[dict[str, Any]]:
+    """The conversation as role/content dicts, checked the way the models will read it."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list")
     result = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
-        result.append({"role": m["role"], "content": m["content"]})
-    convert_to_messages(result)  # validates roles
+        role = m["role"]
+        if not isinstance(role, str):
+            raise ValueError(f"messages[{i}].role must be a string")
+        message = {"role": role, "content": m["content"]}
+        if role in ("tool", "function"):
+            converted = None
+        else:
+            try:
+                (converted,) = convert_to_messages([message])
+            except Exception as exc:  # unknown role, content of the wrong shape...
+                raise ValueError(f"messages[{i}]: {_exception_text(exc)}") from None
+        if not isinstance(converted, _ROLE_TYPES):
+            raise ValueError(
+                f"messages[{i}]: role {role!r} is not supported; rows are conversations of "
+                "system, user and assistant messages (a tool result needs the call it answers)"
+            )
+        result.append(message)
     return result
+
+
+def _exception_text(exc: BaseException) -> str:
+    text = one_line(str(exc), 300)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _parse(data: Any, with_responses: bool) -> tuple[str | None, list[dict], list[str] | None]:
@@ -236,6 +275,72 @@ def _parse(data: Any, with_responses: bool) -> tuple[str | None, list[dict], lis
     return prompt, messages, responses
 
 
+def _explicit_id(data: dict[str, Any]) -> str | None:
+    value = data.get("id")
+    if value is None:
+        return None
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"'id' must be a string or a number, got {type(value).__name__}")
+    return str(value)
+
+
+def _unicode_error(
+    exc: UnicodeEncodeError, where: str, then: str = "fix that escape in the input"
+) -> ValueError:
+    bad = exc.object[exc.start : exc.end].encode("utf-8", "backslashreplace").decode("ascii")
+    return ValueError(
+        f"{where} holds a lone surrogate {bad} (half of a UTF-16 pair), which is not valid "
+        f"Unicode; {then}"
+    )
+
+
+@dataclass
+class _Parsed:
+    explicit_id: str | None
+    prompt: str | None
+    messages: list[dict[str, Any]]
+    responses: list[str] | None
+    content: str
+
+
+def _parse_line(raw: bytes, *, first: bool, with_responses: bool) -> _Parsed:
+    """One input line, checked as far as a model call or OUT would need (ValueError if not)."""
+    try:
+        text = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"not valid UTF-8 (byte {exc.start + 1} of the line: {exc.reason}); save the "
+            "input as UTF-8"
+        ) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"invalid JSON at column {exc.colno}: {exc.msg.removesuffix(' at')}"
+        ) from None
+    except RecursionError:
+        raise ValueError("invalid JSON: nested too deeply to parse") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ValueError(f"invalid JSON: {one_line(str(exc), 200)}") from None
+    try:
+        prompt, messages, responses = _parse(data, with_responses)
+        row_id = _explicit_id(data)
+    except RecursionError:
+        raise ValueError("nested too deeply to use") from None
+    try:
+        content = content_id(messages, responses)
+    except UnicodeEncodeError as exc:
+        raise _unicode_error(exc, "the text") from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ValueError(f"cannot be hashed: {_exception_text(exc)}") from None
+    if row_id is not None:
+        try:
+            row_id.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _unicode_error(exc, "'id'") from None
+    return _Parsed(row_id, prompt, messages, responses, content)
+
+
 def read_rows(
     path: Path, *, with_responses: bool = False, keep_duplicates: bool = False
 ) -> tuple[list[InputRow], list[dict[str, Any]]]:
@@ -245,33 +350,29 @@ def read_rows(
     row) or ``duplicate`` (same content as an earlier row; with `keep_duplicates` each copy
     is a row of its own instead, id ``sha256:...#2`` for the second copy and so on).
     `with_responses` reads ``responses`` and makes them part of a row's identity (`label`).
+    Lines are read as bytes and decoded one by one, so no line can stop the others.
     """
     rows: list[InputRow] = []
     problems: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     copies: dict[str, int] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, 1):
+            if not raw.strip():
                 continue
             try:
-                data = json.loads(line)
-                prompt, messages, responses = _parse(data, with_responses)
-            except json.JSONDecodeError as exc:
-                reason = f"invalid JSON at column {exc.colno}: {exc.msg.removesuffix(' at')}"
-                problems.append(_problem(line_no, None, "malformed", reason))
-                continue
+                parsed = _parse_line(raw, first=line_no == 1, with_responses=with_responses)
             except ValueError as exc:
                 problems.append(_problem(line_no, None, "malformed", str(exc)))
                 continue
-            if data.get("id") is not None:
-                row_id = str(data["id"])
+            if parsed.explicit_id is not None:
+                row_id = parsed.explicit_id
                 if row_id in seen:
                     reason = f"duplicate id {row_id!r} (first on line {seen[row_id]})"
                     problems.append(_problem(line_no, row_id, "malformed", reason))
                     continue
             else:
-                row_id = content_id(messages, responses)
+                row_id = parsed.content
                 if row_id in seen:
                     copies[row_id] = copies.get(row_id, 1) + 1
                     if not keep_duplicates:
@@ -283,19 +384,35 @@ def read_rows(
                         continue
                     row_id = f"{row_id}#{copies[row_id]}"
             seen[row_id] = line_no
-            rows.append(InputRow(row_id, line_no, prompt, messages, responses))
+            rows.append(
+                InputRow(
+                    row_id, line_no, parsed.prompt, parsed.messages, parsed.responses,
+                    explicit=parsed.explicit_id is not None,
+                )
+            )  # fmt: skip
     return rows, problems
 
 
 def _problem(line: int, row_id: str | None, kind: str, reason: str) -> dict[str, Any]:
-    return {"id": row_id, "line": line, "kind": kind, "reason": one_line(reason, 2000, whole=True)}
+    return {"id": row_id, "line": line, "kind": kind, "reason": _reason_line(reason)}
+
+
+def _reason_line(text: str) -> str:
+    """One complete, redacted line, with any lone surrogate spelled out (``\\udc00``)."""
+    text = one_line(text, 2000, whole=True)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ----------------------------------------------------------------------- output
 
 
-def completed_ids(path: Path) -> set[str]:
-    """Ids already in OUT; a torn last line (killed mid-write) is cut off first."""
+def completed_ids(
+    path: Path, *, inspect: Callable[[dict[str, Any]], None] | None = None
+) -> set[str]:
+    """Ids already in OUT; a torn last line (killed mid-write) is cut off first.
+
+    `inspect` sees every complete row of OUT as it streams by (to compare it with the input).
+    """
     if not path.exists():
         return set()
     ids: set[str] = set()
@@ -308,27 +425,54 @@ def completed_ids(path: Path) -> set[str]:
             if not raw.strip():
                 continue
             try:
-                ids.add(str(json.loads(raw)["id"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
+                stored = json.loads(raw)
+                ids.add(str(stored["id"]))
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise ConfigError(
                     f"{path} has a line that is not a pipeline output row; use a new OUT file"
                 ) from None
+            if inspect is not None:
+                inspect(stored)
         handle.seek(0, os.SEEK_END)
         if handle.tell() != keep:
             handle.truncate(keep)
     return ids
 
 
+def output_line(row: dict[str, Any]) -> bytes:
+    """`row` as one UTF-8 JSON line; ValueError when its text is not valid Unicode.
+
+    A lone surrogate (a model's answer can hold one, JSON escapes allow it) would make OUT
+    a file `datasets` cannot load, so such a row is a failed row, never written.
+    """
+    text = json.dumps(row, ensure_ascii=False, default=str)
+    try:
+        return text.encode("utf-8") + b"\n"
+    except UnicodeEncodeError as exc:
+        raise _unicode_error(exc, "the output row", "it is not written") from None
+
+
 class JsonlAppender:
-    """Appends rows durably: one line per row, flushed and fsynced before returning."""
+    """Appends rows durably: one line per row, flushed and fsynced before returning.
+
+    Every line is valid UTF-8: text that cannot be encoded (a lone surrogate in a reason or
+    an id) is written as JSON ``\\u`` escapes instead of stopping the run.
+    """
 
     def __init__(self, path: Path, mode: str = "a") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(path, mode, encoding="utf-8")
+        self._handle = open(path, mode + "b")
         self._lock = threading.Lock()
 
     def write(self, row: dict[str, Any]) -> None:
-        line = json.dumps(row, ensure_ascii=False, default=str) + "\n"
+        try:
+            line = output_line(row)
+        except ValueError:
+            line = json.dumps(row, default=str).encode("ascii") + b"\n"
+        self.write_line(line)
+
+    def write_line(self, line: bytes) -> None:
+        """One encoded line (`output_line`), durably."""
         with self._lock:
             self._handle.write(line)
             self._handle.flush()
@@ -367,10 +511,32 @@ def lock_output(output: Path) -> Any:
 
 
 def _same_file(a: Path, b: Path) -> bool:
+    """The same file: the same path once resolved (symlinks), or the same inode (hardlinks)."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+    except (OSError, RuntimeError):  # a symlink loop
+        pass
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
-        return a.resolve() == b.resolve()
+        return False
+
+
+def check_not_input(output: Path, input_path: Path) -> None:
+    """Refuse an OUT whose files (OUT, its errors file, its lock) would overwrite the input.
+
+    Checked before any of them is opened: the errors file is rewritten and the lock
+    truncated at the start of a run, so ``moa generate X.errors.jsonl X`` would empty it.
+    """
+    if _same_file(output, input_path):
+        raise ConfigError(f"OUT {output} is the input file; choose another OUT")
+    for what, path in (("errors file", errors_path_for(output)), ("lock", lock_path_for(output))):
+        if _same_file(path, input_path):
+            raise ConfigError(
+                f"OUT {output} would overwrite the input: its {what} {path} is the input "
+                "file; choose another OUT"
+            )
 
 
 def _open_outputs(output: Path, errors_path: Path) -> tuple[JsonlAppender, JsonlAppender]:
@@ -453,12 +619,17 @@ async def run_rows(
     shard: tuple[int, int] | None = None,
     calls_per_row: int | None = None,
     push_to_hub: str | None = None,
+    same_input: Callable[[InputRow, dict[str, Any]], bool] | None = None,
 ) -> RunSummary:
-    """Run `worker` over the rows not yet in OUT, `concurrency` at a time, exactly once."""
+    """Run `worker` over the rows not yet in OUT, `concurrency` at a time, exactly once.
+
+    `same_input(row, stored)` says whether a row of OUT was made from the input row with the
+    same explicit id as it is now; rows where it is False are reported as ``changed``.
+    """
+    if input_path is not None:
+        check_not_input(output, input_path)
     if concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
-    if input_path is not None and _same_file(output, input_path):
-        raise ConfigError(f"OUT {output} is the input file; choose another OUT")
     check_push_token(push_to_hub)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -472,9 +643,10 @@ async def run_rows(
         summary.errors_path = errors_path_for(output)
         out, errors = _open_outputs(output, summary.errors_path)
         try:
-            done = completed_ids(output)
+            changed: set[str] = set()
+            done = completed_ids(output, inspect=_changed_finder(rows, same_input, changed))
             await _run(
-                rows, problems, worker, done, out, errors, summary,
+                rows, problems, worker, done, changed, out, errors, summary,
                 concurrency=concurrency, description=description, progress=progress,
                 shard=shard, calls_per_row=calls_per_row,
             )  # fmt: skip
@@ -488,11 +660,43 @@ async def run_rows(
     return summary
 
 
+def _changed_finder(
+    rows: Sequence[InputRow],
+    same_input: Callable[[InputRow, dict[str, Any]], bool] | None,
+    changed: set[str],
+) -> Callable[[dict[str, Any]], None] | None:
+    """An `inspect` for `completed_ids` adding to `changed` the explicit ids whose row in
+    OUT was made from other content (an OUT row of another shape is not judged)."""
+    explicit = {row.id: row for row in rows if row.explicit}
+    if same_input is None or not explicit:
+        return None
+
+    def inspect(stored: dict[str, Any]) -> None:
+        row = explicit.get(str(stored["id"]))
+        if row is None:
+            return
+        try:
+            same = same_input(row, stored)
+        except (KeyError, TypeError, IndexError, AttributeError):
+            return
+        if not same:
+            changed.add(row.id)
+
+    return inspect
+
+
+CHANGED_REASON = (
+    "already in OUT under this id with other content; not redone (an id marks its row done: "
+    "to redo it, remove its line from OUT or give it a new id)"
+)
+
+
 async def _run(
     rows: Sequence[InputRow],
     problems: Sequence[dict[str, Any]],
     worker: Worker,
     done: set[str],
+    changed: set[str],
     out: JsonlAppender,
     errors: JsonlAppender,
     summary: RunSummary,
@@ -516,6 +720,11 @@ async def _run(
     summary.other_shards = len(rows) - len(mine)
     todo = [row for row in mine if row.id not in done]
     summary.skipped = len(mine) - len(todo)
+    for row in mine:
+        if row.id in changed:
+            note = _problem(row.line, row.id, "changed", CHANGED_REASON)
+            errors.write(note)
+            summary.changed.append(note)
 
     bar = tqdm(
         total=len(todo),
@@ -537,10 +746,10 @@ async def _run(
     watch = _Watch(show_calls)
     started = time.monotonic()
 
-    async def attempt(row: InputRow) -> dict[str, Any] | None:
-        """The row's output, or None after recording why it failed."""
+    async def attempt(row: InputRow) -> bytes | None:
+        """The row's output line, or None after recording why it failed."""
         try:
-            return await worker(row)
+            return output_line({"id": row.id, **await worker(row)})
         except Exception as exc:
             failure = {"id": row.id, "line": row.line, "kind": "failed",
                        "reason": error_reason(exc)}  # fmt: skip
@@ -551,8 +760,8 @@ async def _run(
         finally:
             bar.update(1)
 
-    def keep(row: InputRow, result: dict[str, Any]) -> None:
-        out.write({"id": row.id, **result})
+    def keep(row: InputRow, line: bytes) -> None:
+        out.write_line(line)
         summary.written += 1
         summary.finished_at.append(round(time.monotonic() - started, 3))
 
@@ -568,8 +777,8 @@ async def _run(
 
 async def _first_then_the_rest(
     todo: Sequence[InputRow],
-    attempt: Callable[[InputRow], Awaitable[dict[str, Any] | None]],
-    keep: Callable[[InputRow, dict[str, Any]], None],
+    attempt: Callable[[InputRow], Awaitable[bytes | None]],
+    keep: Callable[[InputRow, bytes], None],
     watch: _Watch,
     summary: RunSummary,
     errors: JsonlAppender,
@@ -608,7 +817,7 @@ async def _first_then_the_rest(
 
 def error_reason(exc: BaseException) -> str:
     """One complete, redacted line for the errors file (call errors already name the model)."""
-    text = one_line(str(exc), limit=2000, whole=True)
+    text = _reason_line(str(exc))
     if isinstance(exc, (calls.CallError, ConfigError)) or not text:
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}"
@@ -672,11 +881,15 @@ async def agenerate(
             "model": message.response_metadata.get("model_name"),
         }
 
+    def same_input(row: InputRow, stored: dict[str, Any]) -> bool:
+        return stored["messages"][:-1] == row.messages
+
     engine = getattr(moa, "engine", None)
     return await run_rows(
         rows, problems, worker, Path(output), input_path=source, concurrency=concurrency,
         description="generate", progress=progress, shard=_shard(shard),
         calls_per_row=getattr(engine, "calls_per_answer", None), push_to_hub=push_to_hub,
+        same_input=same_input,
     )  # fmt: skip
 
 
@@ -745,6 +958,11 @@ async def alabel(
     """For every prompt, candidates ranked by `judge`, as a conversational TRL DPO row."""
     if samples < 2:
         raise ConfigError("--samples must be at least 2 (a preference pair needs two answers)")
+    if samples > MAX_SAMPLES:
+        raise ConfigError(
+            f"--samples must be at most {MAX_SAMPLES} (pairwise judging costs samples squared "
+            "calls per judge and prompt)"
+        )
     source = resolve_input(input)
     rows, problems = read_rows(source, with_responses=True, keep_duplicates=keep_duplicates)
     if policy is None:
@@ -778,6 +996,12 @@ async def alabel(
             "judge": _judge_record(result.details),
         }
 
+    def same_input(row: InputRow, stored: dict[str, Any]) -> bool:
+        # sampled candidates differ on every run; given responses are part of the row
+        return stored["prompt"] == row.messages and (
+            not row.responses or stored["candidates"] == row.responses
+        )
+
     per_row = None
     if hasattr(judge, "calls_for"):
         given = max((len(r.responses or []) for r in rows), default=2)
@@ -786,7 +1010,7 @@ async def alabel(
     return await run_rows(
         rows, problems, worker, Path(output), input_path=source, concurrency=concurrency,
         description="label", progress=progress, shard=_shard(shard), calls_per_row=per_row,
-        push_to_hub=push_to_hub,
+        push_to_hub=push_to_hub, same_input=same_input,
     )  # fmt: skip
 
 

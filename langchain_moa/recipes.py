@@ -24,8 +24,11 @@ Config files (TOML or YAML) describe any OpenAI-compatible endpoints; see docs/r
 the one place that says which fields exist and what they hold, so a typo or a stray field is
 refused instead of silently ignored. Strict types keep ``layers = true`` or ``"5"`` from
 passing as numbers. Every mistake in a config file is a one-line `ConfigError` naming the
-file and the field (pydantic's multi-line `ValidationError` is turned into that line here),
-and every such message is redacted, so a key pasted into the wrong field is never echoed.
+file and the field (pydantic's multi-line `ValidationError` is turned into that line here).
+Every number has a documented range (`RANGES`), so ``layers = 10**400`` or ``timeout =
+1e-300`` is refused at load, not found out by hundreds of calls. A message repeats a value
+only when it cannot be a key (numbers, and short plain words: see `_could_be_secret`), and
+is redacted besides, so a key pasted into the wrong field is never echoed.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -72,8 +76,88 @@ CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
 _SECRET_FIELDS = {"api_key", "key", "token", "openai_api_key", "password", "secret"}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
-# StrictFloat takes ints (30 means 30.0) but neither bools nor numeric strings.
-_Seconds = Annotated[StrictFloat, Field(gt=0)]
+# The range of every number a config may set (inclusive), named in the error that refuses
+# a value outside it. Wide enough for any real use, narrow enough that a typo or a pasted
+# value cannot start thousands of calls or time out every request.
+MAX_LAYERS = 10
+"""The MoA paper's gains level off after 3-4 layers; each layer is a round of calls."""
+MAX_PROPOSERS = 64
+"""Proposers (judges) per layer; also the ceiling of min_proposers and layer_quorum."""
+MAX_TOKENS = 1_000_000
+MIN_TIMEOUT = 0.1
+"""Seconds: below this no request can be answered (1e-300 would fail every call)."""
+MAX_TIMEOUT = 86_400.0
+"""Seconds: one day."""
+MAX_GRACE = 100.0
+MIN_SAMPLES, MAX_SAMPLES = 2, 32
+"""`moa label` candidates per prompt (pairwise judging costs samples squared)."""
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+RANGES: dict[str, str] = {
+    "layers": f"an integer from 1 to {MAX_LAYERS}",
+    "min_proposers": f"an integer from 1 to {MAX_PROPOSERS}",
+    "layer_quorum": f"an integer from 1 to {MAX_PROPOSERS}",
+    "proposer_timeout": f"a number of seconds from {MIN_TIMEOUT:g} to {MAX_TIMEOUT:g}, or inf "
+    "for no limit",
+    "straggler_grace": f"a number from 0 to {MAX_GRACE:g}",
+    "samples": f"an integer from {MIN_SAMPLES} to {MAX_SAMPLES}",
+    "temperature": "a number from 0 to 2",
+    "max_tokens": f"an integer from 1 to {MAX_TOKENS}",
+    "seed": "a 64-bit integer (from -2**63 to 2**63 - 1)",
+    "timeout": f"a number of seconds from {MIN_TIMEOUT:g} to {MAX_TIMEOUT:g}",
+    "frequency_penalty": "a number from -2 to 2",
+}
+"""What each numeric field accepts, as its error message says it (docs/recipes.md too)."""
+
+# StrictFloat takes ints (30 means 30.0) but neither bools nor numeric strings; no inf/nan.
+_Seconds = Annotated[StrictFloat, Field(ge=MIN_TIMEOUT, le=MAX_TIMEOUT, allow_inf_nan=False)]
+_Count = Annotated[StrictInt, Field(ge=1, le=MAX_PROPOSERS)]
+
+# Where a value could be a key: a run of 16+ characters mixing letter cases or digits.
+_WORD_BREAK = re.compile(r"[\s\-/.:_@,;=+'\"()\[\]{}]+")
+
+
+def _could_be_secret(text: str) -> bool:
+    """Whether a message must not repeat `text`: a known key shape, or a long random run.
+
+    Model names, variable names and typos split into short words ("Llama-3.3-70B",
+    "TOGETHER_API_KEY", "temprature"); keys are long runs of mixed characters.
+    """
+    if looks_like_secret(text):
+        return True
+    for word in _WORD_BREAK.split(text):
+        classes = sum(
+            any(test(c) for c in word) for test in (str.islower, str.isupper, str.isdigit)
+        )
+        if len(word) >= 16 and classes >= 2:
+            return True
+    return False
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message: numbers as they are, text only when it is no key."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        if value.bit_length() > 64:  # repr of 10**5000 fails; a 20-digit number says enough
+            return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+        return repr(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        if len(value) <= 40 and value.isprintable() and not _could_be_secret(value):
+            return repr(value)
+        return f"a string of {len(value)} characters (not repeated: it could be a key)"
+    return type(value).__name__
+
+
+def _hide_secrets(text: str) -> str:
+    """A parser's message with every quoted part that could be a key left out."""
+
+    def hide(match: re.Match[str]) -> str:
+        return "'...'" if _could_be_secret(match.group(0)[1:-1]) else match.group(0)
+
+    return re.sub(r"'[^'\n]*'|\"[^\"\n]*\"", hide, text)
 
 
 def _config_error(message: str) -> ConfigError:
@@ -116,24 +200,25 @@ class ModelEntry(BaseModel):
     """The endpoint's OpenAI-compatible base URL (http:// or https://)."""
     api_key_env: StrictStr | None = None
     """Name of the environment variable holding the key (never the key itself)."""
-    temperature: Annotated[StrictFloat, Field(ge=0)] | None = None
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    seed: StrictInt | None = None
+    temperature: Annotated[StrictFloat, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)] | None = None
+    seed: Annotated[StrictInt, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
     provider: Provider = "openai-compatible"
     timeout: _Seconds | None = None
     """Seconds for one HTTP request (the client's own timeout)."""
-    frequency_penalty: Annotated[StrictFloat, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[StrictFloat, Field(ge=-2, le=2, allow_inf_nan=False)] | None = None
     """OpenAI's frequency_penalty (-2 to 2): > 0 discourages repeating the same tokens."""
 
     @field_validator("api_key_env")
     @classmethod
     def _is_a_variable_name(cls, value: str | None) -> str | None:
         # The message never quotes the value: it may well be the key itself. Keys such as
-        # gsk_... or AIza... are valid identifiers, so key shapes the redactor knows are
-        # refused too (later messages would otherwise name the "variable"). Shapes only, not
-        # known values, so whether a name is valid does not depend on the environment.
+        # gsk_... or AIza... or 20 random letters and digits are valid identifiers, so what
+        # could be a key is refused too (later messages would otherwise name the
+        # "variable"). Shapes only, not known values, so whether a name is valid does not
+        # depend on the environment.
         if value is not None and (
-            not _ENV_NAME.fullmatch(value) or len(value) > 64 or looks_like_secret(value)
+            not _ENV_NAME.fullmatch(value) or len(value) > 64 or _could_be_secret(value)
         ):
             raise ValueError(
                 "must be the NAME of an environment variable (e.g. TOGETHER_API_KEY), "
@@ -154,10 +239,9 @@ class ModelEntry(BaseModel):
                 'missing (e.g. https://api.together.xyz/v1), or set provider = "local" for '
                 "the embedded model",
             )
-        if not re.match(r"https?://", self.base_url):
-            raise _FieldError(
-                "base_url", f"must start with http:// or https://, got {self.base_url!r}"
-            )
+        problem = _base_url_problem(self.base_url)
+        if problem:
+            raise _FieldError("base_url", problem)
         return self
 
     @property
@@ -166,6 +250,11 @@ class ModelEntry(BaseModel):
         if self.model:
             return self.model
         return "local SmolLM2" if self.provider == "local" else "model"
+
+    def _named(self, where: str) -> str:
+        """`where` with the model in brackets, unless the model name could be a key."""
+        label = self.label
+        return f"{where} ({label})" if not _could_be_secret(label) else where
 
     def build(self, where: str = "model") -> Any:
         """A chat model for this entry; the key is read from the environment now.
@@ -199,7 +288,7 @@ class ModelEntry(BaseModel):
             api_key = os.environ.get(self.api_key_env, "").strip()
             if not api_key:
                 raise _config_error(
-                    f"{where} ({self.label}) needs an API key: set the environment variable "
+                    f"{self._named(where)} needs an API key: set the environment variable "
                     f"{self.api_key_env}"
                 )
         options = {
@@ -219,6 +308,29 @@ class ModelEntry(BaseModel):
         )  # fmt: skip
 
 
+def _base_url_problem(url: str) -> str | None:
+    """What is wrong with a base URL, without repeating it (it may hold a key)."""
+    if not re.match(r"https?://", url):
+        scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]{0,15})://", url)
+        got = f", got {scheme.group(1)}://..." if scheme else ""
+        return f"must start with http:// or https://{got} (e.g. https://api.together.xyz/v1)"
+    if not url.isprintable() or any(c.isspace() for c in url):
+        return "must not contain spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        return "is not a valid URL (check the host and port)"
+    if "@" in parts.netloc:
+        return (
+            "must not hold credentials (user:key@host); put the key in an environment "
+            "variable and give its name with api_key_env"
+        )
+    if not parts.hostname:
+        return "has no host (e.g. https://api.together.xyz/v1)"
+    return None
+
+
 class LabelSettings(BaseModel):
     """How `moa label` judges with this recipe by default (its flags override each one).
 
@@ -233,7 +345,7 @@ class LabelSettings(BaseModel):
     )
 
     mode: Literal["pairwise", "pointwise"] = "pairwise"
-    samples: StrictInt = Field(default=5, ge=2)
+    samples: StrictInt = Field(default=5, ge=MIN_SAMPLES, le=MAX_SAMPLES)
     """Candidates sampled per prompt with --policy."""
     swap: StrictBool = True
     """Pairwise: judge each pair in both orders (cancels position bias)."""
@@ -256,29 +368,29 @@ class Recipe(BaseModel):
 
     name: StrictStr
     description: StrictStr = ""
-    layers: StrictInt = 2
-    min_proposers: StrictInt = 1
-    proposer_timeout: StrictFloat | None = None
-    """Seconds a proposer layer waits; None (or inf in a file) means no limit."""
+    layers: Annotated[StrictInt, Field(ge=1, le=MAX_LAYERS)] = 2
+    min_proposers: _Count = 1
+    proposer_timeout: _Seconds | None = None
+    """Seconds a proposer layer waits; None (or inf) means no limit."""
     aggregator_prompt: StrictStr | None = None
-    layer_quorum: StrictInt | None = None
+    layer_quorum: _Count | None = None
     """Close a proposer layer once this many answered (None: wait for all)."""
-    straggler_grace: StrictFloat = 0.5
+    straggler_grace: Annotated[StrictFloat, Field(ge=0, le=MAX_GRACE, allow_inf_nan=False)] = 0.5
     """With layer_quorum: the others get this many times the elapsed layer time more."""
     early_stop: Literal["agreement"] | None = None
     reference_placement: Literal["first_system", "after_conversation"] = "first_system"
     label: LabelSettings = LabelSettings()
     """Defaults of `moa label` ([label] table in a config file)."""
-    proposers: list[ModelEntry]
+    proposers: Annotated[list[ModelEntry], Field(max_length=MAX_PROPOSERS)]
     aggregator: ModelEntry
     source: StrictStr | None = None
     """The config file this recipe came from (None for shipped recipes); not compared."""
 
-    @field_validator("proposer_timeout")
+    @field_validator("proposer_timeout", mode="before")
     @classmethod
-    def _inf_is_no_limit(cls, value: float | None) -> float | None:
-        # The engine's normal form; nan, 0 and negatives are left for it to refuse.
-        return None if value == math.inf else value
+    def _inf_is_no_limit(cls, value: Any) -> Any:
+        # The engine's normal form, before the range check (which refuses nan and -inf).
+        return None if isinstance(value, float) and value == math.inf else value
 
     @model_validator(mode="after")
     def _can_run(self, info: ValidationInfo) -> Recipe:
@@ -292,7 +404,7 @@ class Recipe(BaseModel):
                 else "add at least one proposer, or set layers = 1",
             )
         # Returns the normalised timeout, which `_inf_is_no_limit` has already stored (a
-        # frozen model cannot be changed here); raises on nan, 0 and negatives.
+        # frozen model cannot be changed here).
         validate_moa_config(
             n_proposers=len(self.proposers),
             layers=self.layers,
@@ -338,8 +450,14 @@ class Recipe(BaseModel):
         Used by ``moa chat --max-tokens`` to keep a run short (tests, slow CPUs) without
         writing a config file. (`model_copy` does not validate, hence the check here.)
         """
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise _config_error(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        if (
+            not isinstance(max_tokens, int)
+            or isinstance(max_tokens, bool)
+            or not 1 <= max_tokens <= MAX_TOKENS
+        ):
+            raise _config_error(
+                f"max_tokens must be {RANGES['max_tokens']}, got {_shown(max_tokens)}"
+            )
 
         def cap(entry: ModelEntry) -> ModelEntry:
             return entry.model_copy(update={"max_tokens": max_tokens})
@@ -478,6 +596,11 @@ _TYPE_NAMES = {
 }
 
 
+_OUT_OF_RANGE = (
+    "greater_than_equal", "greater_than", "less_than_equal", "less_than", "finite_number",
+)  # fmt: skip
+
+
 def _unknown(key: str, known: tuple[str, ...]) -> str:
     """Why `key` is refused: a secret's name gets the api_key_env pointer, a typo a hint."""
     if key.lower() in _SECRET_FIELDS:
@@ -509,7 +632,8 @@ def _describe(exc: ValidationError, source: str, keys: Sequence[Any] = ()) -> st
 
     Unknown fields go first (a typo usually explains the rest), then the first mistake in
     the file's own order (`keys`: its top-level keys as written), then shallower errors.
-    The value is quoted for scalars only, and never for ``api_key_env``.
+    A value is repeated only when it cannot be a key (`_shown`), and never for
+    ``api_key_env``; an unknown field's name likewise.
     """
     errors = exc.errors()
     position = {key: i for i, key in enumerate(keys)}
@@ -527,7 +651,10 @@ def _describe(exc: ValidationError, source: str, keys: Sequence[Any] = ()) -> st
         *where, key = loc
         known = _CONFIG_KEYS if not where else _LABEL_KEYS if where[0] == "label" else _ENTRY_KEYS
         reason = _unknown(str(key), known)
-        loc = (*where, str(key))
+        name = str(key)
+        if _could_be_secret(name) or not name.isprintable() or len(name) > 40:
+            name = "a field whose name is not repeated (it could be a key)"
+        loc = (*where, name)
     elif kind == "value_error":
         cause = ctx.get("error")
         if isinstance(cause, _FieldError):
@@ -536,8 +663,12 @@ def _describe(exc: ValidationError, source: str, keys: Sequence[Any] = ()) -> st
     else:
         field = next((p for p in reversed(loc) if isinstance(p, str)), "")
         secret = field == "api_key_env"  # the value might be a pasted key
-        shown = "" if secret or isinstance(value, (dict, list, tuple)) else f" {value!r}"
-        got = f"got {type(value).__name__}{shown}"
+        scalar = not secret and not isinstance(value, (dict, list, tuple))
+        shown = f" {_shown(value)}" if scalar else ""
+        if shown.startswith(" a "):  # a description, not the value: "got a string of..."
+            got = f"got{shown}"
+        else:
+            got = f"got {type(value).__name__}{shown}"
         if kind == "model_type" and loc and isinstance(loc[-1], int):
             reason = (
                 f"expected a table of model settings (at least 'model'), got {type(value).__name__}"
@@ -550,14 +681,10 @@ def _describe(exc: ValidationError, source: str, keys: Sequence[Any] = ()) -> st
         elif kind == "literal_error":
             choices = ", ".join(PROVIDERS) if field == "provider" else ctx.get("expected")
             reason = f"must be one of {choices}, got{shown or ' ' + type(value).__name__}"
-        elif kind in ("greater_than_equal", "greater_than", "less_than_equal"):
-            bound, op = {
-                "greater_than_equal": (ctx.get("ge"), ">="),
-                "greater_than": (ctx.get("gt"), ">"),
-                "less_than_equal": (ctx.get("le"), "<="),
-            }[kind]
-            unit = " seconds" if field == "timeout" else ""
-            reason = f"must be {op} {bound:g}{unit}, got {value!r}"
+        elif kind in _OUT_OF_RANGE and field in RANGES:
+            reason = f"must be {RANGES[field]}, got {_shown(value)}"
+        elif kind == "too_long" and field == "proposers":
+            reason = f"at most {MAX_PROPOSERS} entries, got {ctx.get('actual_length')}"
         else:
             reason = error["msg"]
     path = _field_path(loc)
@@ -586,6 +713,20 @@ def recipe_from_dict(data: Any, *, source: str) -> Recipe:
     except ValidationError as exc:
         # `from None`: the ValidationError's own text would quote the values.
         raise _config_error(_describe(exc, source, list(data))) from None
+    except RecursionError:
+        raise _config_error(f"{source}: {_TOO_DEEP}") from None
+
+
+_TOO_DEEP = "nested too deeply to read (a config file needs only a few levels of tables)"
+
+
+def _parse_problem(exc: BaseException) -> str:
+    """Why a parser refused a file, besides its own syntax errors (one line, no value)."""
+    if isinstance(exc, RecursionError):
+        return _TOO_DEEP
+    if "digits" in str(exc):  # int() refuses more than sys.get_int_max_str_digits()
+        return "a number has too many digits to read"
+    return f"cannot be read ({type(exc).__name__})"
 
 
 def load_config_file(path: str | Path) -> Recipe:
@@ -606,7 +747,9 @@ def load_config_file(path: str | Path) -> Recipe:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:  # its message ends "(at line L, column C)"
-            raise _config_error(f"{path}: invalid TOML: {exc}") from None
+            raise _config_error(f"{path}: invalid TOML: {_hide_secrets(str(exc))}") from None
+        except (ValueError, RecursionError) as exc:
+            raise _config_error(f"{path}: invalid TOML: {_parse_problem(exc)}") from None
     else:
         import yaml
 
@@ -615,8 +758,10 @@ def load_config_file(path: str | Path) -> Recipe:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or "syntax error"
+            problem = _hide_secrets(getattr(exc, "problem", None) or "syntax error")
             raise _config_error(f"{path}: invalid YAML{where}: {problem}") from None
+        except (ValueError, OverflowError, RecursionError) as exc:
+            raise _config_error(f"{path}: invalid YAML: {_parse_problem(exc)}") from None
     return recipe_from_dict(data, source=str(path))
 
 
@@ -638,8 +783,10 @@ def load_recipe(name_or_path: str = "local") -> Recipe:
         return load_config_file(name_or_path)
     close = difflib.get_close_matches(name_or_path, list(RECIPES), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
+    name = _shown(name_or_path)
+    name = "" if name.startswith("a ") else f" {name}"
     raise _config_error(
-        f"unknown recipe {name_or_path!r}{hint}: choose one of {', '.join(RECIPES)} "
+        f"unknown recipe{name}{hint}: choose one of {', '.join(RECIPES)} "
         f"or pass a .toml/.yaml config file"
     )
 

@@ -242,3 +242,28 @@ def test_an_unreachable_endpoint_stops_the_run_after_the_first_row(tmp_path: Pat
     (line,) = err.strip().splitlines()
     assert line.startswith("moa: error: stopped after the first row, before sending the other 49")
     assert "Connection" in line
+
+
+def test_hostile_lines_are_reported_and_never_sent(
+    tmp_path: Path, server: ScriptedOpenAIServer
+) -> None:
+    cfg = config(tmp_path, server, ["p1"], "agg")
+    source = tmp_path / "in.jsonl"
+    hostile = [
+        b'{"prompt": "caf\xe9"}',  # Latin-1, not UTF-8
+        b'{"prompt": "half \\ud83d"}',  # a lone surrogate, no id
+        b'{"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}]}',
+        b"[" * 100_000,
+    ]
+    good = [b'{"prompt": "first"}', b'{"id": "b", "prompt": "second"}']
+    source.write_bytes(b"\n".join([good[0], *hostile, good[1]]) + b"\n")
+    out = tmp_path / "out.jsonl"
+    code, err = finish(moa_cli("generate", str(source), str(out), "--config", str(cfg)))
+    assert code == 1, err
+    assert err.startswith(f"read 6 rows: 2 written, 0 failed, 4 malformed -> {out}\n"), err
+    assert "Traceback" not in err
+    assert sorted(answered(server)) == ["first", "second"]  # nothing else reached a model
+    assert sorted(r["messages"][0]["content"] for r in rows(out)) == ["first", "second"]
+    errors = [json.loads(line) for line in (tmp_path / "out.jsonl.errors.jsonl").read_text(
+        encoding="utf-8").splitlines()]  # fmt: skip
+    assert [(e["line"], e["kind"]) for e in errors] == [(n, "malformed") for n in (2, 3, 4, 5)]

@@ -418,3 +418,238 @@ def test_cli_label_takes_the_recipes_defaults_and_flags_override_them(
     assert capsys.readouterr().err.strip() == (
         "moa: error: --shard '4/3': I must be between 1 and N (N >= 1), e.g. 1/4"
     )
+
+
+# ---------------------------------------------------------------- hostile input
+
+
+@pytest.fixture
+def cli_moa(monkeypatch) -> Recorder:
+    """`moa generate` and `moa label` run on scripted models (no recipe is loaded)."""
+    from langchain_moa import cli_data
+
+    recorder = Recorder()
+
+    def models(args) -> dict:
+        if args.command == "label":
+            judge = ScriptedChatModel(model_name="judge", reply="[[A]]")
+            return {"proposers": [judge], "aggregator": judge, "all_local": False}
+        return {
+            "proposers": recorder.moa.proposers,
+            "aggregator": recorder.aggregator,
+            "all_local": False,
+        }
+
+    monkeypatch.setattr(cli_data, "_recipe_models", models)
+    return recorder
+
+
+HOSTILE_LINES = {
+    "invalid UTF-8": (
+        b'{"prompt": "caf\xe9"}',
+        "not valid UTF-8 (byte 16 of the line: invalid continuation byte); save the input as UTF-8",
+    ),
+    "lone surrogate in a prompt without id": (
+        b'{"prompt": "a \\ud800 b"}',
+        "the text holds a lone surrogate \\ud800 (half of a UTF-16 pair), which is not valid "
+        "Unicode; fix that escape in the input",
+    ),
+    "lone surrogate in messages": (
+        b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc80"}]}]}',
+        "the text holds a lone surrogate \\udc80",
+    ),
+    "lone surrogate in the id": (
+        b'{"id": "row-\\udfff", "prompt": "fine"}',
+        "'id' holds a lone surrogate \\udfff",
+    ),
+    "tool message without tool_call_id": (
+        b'{"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}]}',
+        "messages[1]: role 'tool' is not supported; rows are conversations of system, user "
+        "and assistant messages (a tool result needs the call it answers)",
+    ),
+    "100,000 [": (b"[" * 100_000, "invalid JSON: nested too deeply to parse"),
+    "100,000 [ inside a prompt": (
+        b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "invalid JSON: nested too deeply to parse",
+    ),
+    "an integer of 5,000 digits": (
+        b'{"id": ' + b"7" * 5000 + b', "prompt": "x"}',
+        "invalid JSON: Exceeds the limit (4300 digits)",
+    ),
+    "content of the wrong shape": (
+        b'{"messages": [{"role": "user", "content": {"text": "q"}}]}',
+        "messages[0]: ValidationError: ",
+    ),
+    "an id that is a list": (
+        b'{"id": [1], "prompt": "q"}',
+        "'id' must be a string or a number, got list",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_LINES))
+def test_a_hostile_line_is_one_malformed_row(
+    tmp_path: Path, cli_moa: Recorder, capsys, name: str
+) -> None:
+    from langchain_moa import cli
+
+    bad, reason = HOSTILE_LINES[name]
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b'{"prompt": "good one"}\n' + bad + b'\n{"prompt": "good two"}\n')
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["generate", str(source), str(out)]) == 1  # some rows malformed
+    assert sorted(answered_in(out)) == ["good one", "good two"]
+    assert sorted(cli_moa.answered) == ["good one", "good two"]  # no call for the bad row
+    errors_file = errors_path_for(out)
+    (error,) = [json.loads(line) for line in errors_file.read_bytes().decode("utf-8").splitlines()]
+    assert (error["line"], error["kind"]) == (2, "malformed")
+    assert error["reason"].startswith(reason), error["reason"]
+    err = capsys.readouterr().err
+    assert err.startswith(f"read 3 rows: 2 written, 0 failed, 1 malformed -> {out}\n")
+    assert f"  line 2: {reason}" in err and "Traceback" not in err
+    # the rerun skips the good rows and reports the bad one again
+    assert cli.main(["generate", str(source), str(out)]) == 1
+    assert capsys.readouterr().err.startswith("read 3 rows: 2 already done, 0 written, 0 failed")
+
+
+def test_a_lone_surrogate_in_responses_is_a_malformed_label_row(
+    tmp_path: Path, cli_moa: Recorder, capsys
+) -> None:
+    from langchain_moa import cli
+
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(
+        b'{"prompt": "q", "responses": ["a", "bb"]}\n'
+        b'{"prompt": "q2", "responses": ["\\ud83d", "bb"]}\n'
+    )
+    out = tmp_path / "dpo.jsonl"
+    argv = ["label", str(source), str(out), "--mode", "pairwise", "--no-swap", "--no-aggregate"]
+    assert cli.main(argv) == 1
+    assert len(read_jsonl(out)) == 1
+    (error,) = read_jsonl(errors_path_for(out))
+    assert error["line"] == 2 and "lone surrogate \\ud83d" in error["reason"]
+
+
+def test_a_lone_surrogate_from_a_model_fails_its_row_only(tmp_path: Path) -> None:
+    def reply(messages) -> str:
+        text = messages[-1].text
+        if "answer" in text:
+            return "half an emoji \ud83d"
+        if "raise" in text:
+            raise RuntimeError("upstream said \udc00")
+        return "fine"
+
+    moa = ChatMoA(
+        proposers=[ScriptedChatModel(reply="draft")], aggregator=ScriptedChatModel(reply=reply)
+    )
+    source = write_jsonl(tmp_path / "in.jsonl", prompts("ok", "answer", "raise", "ok too"))
+    out = tmp_path / "out.jsonl"
+    summary = generate(source, out, moa, concurrency=1)
+    assert (summary.written, summary.failed) == (2, 2)
+    out.read_bytes().decode("utf-8")  # OUT stays valid UTF-8 (datasets can load it)
+    assert sorted(answered_in(out)) == ["ok", "ok too"]
+    reasons = [e["reason"] for e in read_jsonl(errors_path_for(out))]
+    assert any("the output row holds a lone surrogate \\ud83d" in r for r in reasons), reasons
+    assert any(r.endswith("upstream said \\udc00") for r in reasons), reasons  # spelled out
+    errors_path_for(out).read_bytes().decode("utf-8")
+    assert all(f["reason"].encode("utf-8") for f in summary.failures)  # printable as they are
+
+
+# ------------------------------------------------------ files a run writes vs input
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["errors file is the input", "lock is the input", "errors file is a hardlink",
+     "errors file is a symlink", "OUT is a symlink", "OUT is a hardlink"],
+)  # fmt: skip
+def test_no_file_a_run_writes_may_be_the_input(
+    tmp_path: Path, cli_moa: Recorder, capsys, how: str
+) -> None:
+    import os
+
+    from langchain_moa import cli
+
+    out = tmp_path / "out.jsonl"
+    data = b'{"prompt": "keep me"}\n{"prompt": "and me"}\n'
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(data)
+    if how == "errors file is the input":
+        source = source.rename(tmp_path / "out.jsonl.errors.jsonl")
+    elif how == "lock is the input":
+        source = source.rename(tmp_path / "out.jsonl.lock")
+    elif how == "errors file is a hardlink":
+        os.link(source, tmp_path / "out.jsonl.errors.jsonl")
+    elif how == "errors file is a symlink":
+        (tmp_path / "out.jsonl.errors.jsonl").symlink_to(source)
+    elif how == "OUT is a symlink":
+        out.symlink_to(source)
+    else:
+        os.link(source, out)
+    assert cli.main(["generate", str(source), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"moa: error: OUT {out} ")
+    if how.startswith("OUT"):
+        assert err.endswith("is the input file; choose another OUT\n")
+    else:
+        what = "lock" if how.startswith("lock") else "errors file"
+        assert f"would overwrite the input: its {what} " in err
+        assert err.endswith(" is the input file; choose another OUT\n")
+    assert source.read_bytes() == data  # untouched
+    assert cli_moa.answered == []
+
+
+# ------------------------------------------------------------ an id marks a row done
+
+
+def test_content_edited_under_a_done_id_is_reported(
+    tmp_path: Path, cli_moa: Recorder, capsys
+) -> None:
+    from langchain_moa import cli
+
+    rows = [{"id": "q1", "prompt": "old"}, {"id": "q2", "prompt": "same"}, {"prompt": "no id"}]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["generate", str(source), str(out)]) == 0
+    before = out.read_bytes()
+    rows[0]["prompt"] = "new"
+    rows[2]["prompt"] = "no id, edited"  # a content id: simply a new row
+    write_jsonl(source, rows)
+    capsys.readouterr()
+    assert cli.main(["generate", str(source), str(out)]) == 0  # reported, not a failure
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (
+        f"read 3 rows: 2 already done (1 with changed content under the same id), "
+        f"1 written, 0 failed -> {out}"
+    )
+    assert err[1] == (
+        f"  1 row was not redone although the input changed under an id already in {out} "
+        "(q1): an id marks its row done; to redo one, remove its line from OUT or give it "
+        "a new id"
+    )
+    assert out.read_bytes().startswith(before)  # q1's old answer stays; nothing rewritten
+    assert cli_moa.answered[-1] == "no id, edited" and "new" not in cli_moa.answered
+    (note,) = read_jsonl(errors_path_for(out))
+    assert (note["id"], note["line"], note["kind"]) == ("q1", 1, "changed")
+    assert "remove its line from OUT or give it a new id" in note["reason"]
+
+
+def test_label_reports_responses_edited_under_a_done_id(tmp_path: Path) -> None:
+    judge = MoAJudge(judges=[ScriptedChatModel(reply="[[A]]")], swap=False)
+    rows = [
+        {"id": "a", "prompt": "q", "responses": ["x", "y"]},
+        {"id": "b", "prompt": "q", "responses": ["x", "y"]},
+    ]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "dpo.jsonl"
+    assert label(source, out, judge).written == 2
+    rows[1]["responses"] = ["x", "z"]
+    write_jsonl(source, rows)
+    summary = label(source, out, judge)
+    assert summary.skipped == 2 and [c["id"] for c in summary.changed] == ["b"]
+    # sampled candidates differ on every run: only the prompt counts then
+    policy = ScriptedChatModel(reply=lambda m: "s" * (len(policy.calls) % 3 + 1))
+    sampled = write_jsonl(tmp_path / "sampled.jsonl", [{"id": "s", "prompt": "q"}])
+    out2 = tmp_path / "dpo2.jsonl"
+    label(sampled, out2, judge, policy=policy, samples=2)
+    assert label(sampled, out2, judge, policy=policy, samples=2).changed == []

@@ -315,3 +315,20 @@ def test_cli_generate_and_label(tmp_path: Path, monkeypatch, capsys) -> None:
     assert cli.main(["label", str(bad), str(tmp_path / "d2.jsonl"), "--no-aggregate"]) == 1
     assert "line 1: invalid JSON at column 2" in capsys.readouterr().err
     assert cli.main(["generate", str(tmp_path / "missing.jsonl"), str(out)]) == cli.EXIT_USER_ERROR
+
+
+def test_label_samples_have_the_config_files_range(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "q"}])
+    judge = MoAJudge(judges=[ScriptedChatModel(reply="[[A]]")])
+    policy = ScriptedChatModel(reply="x")
+    with pytest.raises(ConfigError, match=r"--samples must be at most 32 \(pairwise judging"):
+        label(source, tmp_path / "out.jsonl", judge, policy=policy, samples=33)
+    assert policy.calls == [] and not (tmp_path / "out.jsonl").exists()
+
+
+def test_read_rows_keeps_number_ids_and_a_leading_bom(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    # pandas writes an int column with gaps as floats; a Windows editor may add a BOM
+    path.write_bytes(b'\xef\xbb\xbf{"id": 3.0, "prompt": "a"}\r\n{"id": 4, "prompt": "b"}\r\n')
+    rows, problems = read_rows(path)
+    assert [r.id for r in rows] == ["3.0", "4"] and problems == []

@@ -229,6 +229,7 @@ def test_an_existing_path_without_suffix_loads_as_config(tmp_path: Path) -> None
 
 
 P = "[[proposers]]\nmodel='a'\nbase_url='http://x'\n"
+SECONDS = "a number of seconds from 0.1 to 86400"
 
 
 @pytest.mark.parametrize(
@@ -244,19 +245,31 @@ P = "[[proposers]]\nmodel='a'\nbase_url='http://x'\n"
         ("[aggregator]\nmodel='m'\nbase_url='127.0.0.1:9'", "aggregator.base_url: must start"),
         (P + "temprature=1\n" + AGG, "proposer 1: temprature: unknown field (did you mean"),
         (P + "max_tokens='lots'\n" + AGG, "proposer 1: max_tokens: expected integer"),
-        (P + "max_tokens=0\n" + AGG, "proposer 1: max_tokens: must be >= 1"),
-        (P + "temperature=-1\n" + AGG, "proposer 1: temperature: must be >= 0"),
+        (
+            P + "max_tokens=0\n" + AGG,
+            "proposer 1: max_tokens: must be an integer from 1 to 1000000, got 0",
+        ),
+        (
+            P + "temperature=-1\n" + AGG,
+            "proposer 1: temperature: must be a number from 0 to 2, got -1",
+        ),
         (P + "provider='ollama'\n" + AGG, "proposer 1: provider: must be one of"),
         ("proposers = 'a'\n" + AGG, "proposers: expected list"),
         ("proposers = [1]\n" + AGG, "proposer 1: expected a table"),
         (P + P + "temprature=1\n" + AGG, "proposer 2: temprature: unknown field"),
-        (P + "frequency_penalty=3\n" + AGG, "proposer 1: frequency_penalty: must be <= 2, got 3"),
+        (
+            P + "frequency_penalty=3\n" + AGG,
+            "proposer 1: frequency_penalty: must be a number from -2 to 2, got 3",
+        ),
         ("aggregator = 'm'\n", "aggregator: expected table"),
         ("layers = 2\n", "aggregator: missing"),
         ("layers = 3\n" + AGG, "proposers: add at least one [[proposers]] entry"),
-        ("layers = 0\n" + P + AGG, "layers must be an integer >= 1"),
+        ("layers = 0\n" + P + AGG, "layers: must be an integer from 1 to 10, got 0"),
         ("min_proposers = 2\n" + P + AGG, "min_proposers=2 is more than the 1 proposers"),
-        ("proposer_timeout = 0\n" + P + AGG, "proposer_timeout must be a positive number"),
+        (
+            "proposer_timeout = 0\n" + P + AGG,
+            f"proposer_timeout: must be {SECONDS}, or inf for no limit, got 0",
+        ),
         ("layers = = 2", "invalid TOML: Invalid value (at line 1, column"),
         ("[aggregator]\nmodel='m'\n[aggregator]\n", "invalid TOML: Cannot declare"),
     ],
@@ -359,14 +372,20 @@ def test_inf_proposer_timeout_means_no_limit(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("proposer_timeout = nan\n" + P + AGG, "proposer_timeout must be a positive number"),
-        ("proposer_timeout = -5\n" + P + AGG, "proposer_timeout must be a positive number"),
+        (
+            "proposer_timeout = nan\n" + P + AGG,
+            f"proposer_timeout: must be {SECONDS}, or inf for no limit, got nan",
+        ),
+        (
+            "proposer_timeout = -5\n" + P + AGG,
+            f"proposer_timeout: must be {SECONDS}, or inf for no limit, got -5",
+        ),
         ("min_proposers = true\n" + P + AGG, "min_proposers: expected integer, got bool"),
         ("layers = 2.0\n" + P + AGG, "layers: expected integer, got float 2.0"),
         (P + "seed=true\n" + AGG, "proposer 1: seed: expected integer, got bool"),
         (P + "max_tokens='5'\n" + AGG, "proposer 1: max_tokens: expected integer, got str '5'"),
         (P + "temperature='0.5'\n" + AGG, "proposer 1: temperature: expected integer or num"),
-        (P + "timeout=0\n" + AGG, "proposer 1: timeout: must be > 0 seconds, got 0"),
+        (P + "timeout=0\n" + AGG, f"proposer 1: timeout: must be {SECONDS}, got 0"),
         (P + "token='abc'\n" + AGG, "proposer 1: token: keys do not belong in config files"),
         ("source = 'x.toml'\n" + AGG, "source: unknown field"),
         ("description = 1\n" + AGG, "description: expected string, got int 1"),
@@ -516,3 +535,238 @@ def test_frequency_penalty_reaches_the_client(tmp_path: Path) -> None:
     moa = ChatMoA.from_recipe(path)
     assert moa.proposers[0].frequency_penalty == 0.4
     assert moa.aggregator.frequency_penalty is None
+
+
+# ------------------------------------------------ hostile config files, through the CLI
+
+
+@pytest.fixture
+def run_with_config(tmp_path: Path, capsys):
+    """`moa generate IN OUT --config FILE`: (exit code, stderr); no model may be built."""
+    from langchain_moa import cli
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "q"}\n')
+    out = tmp_path / "out.jsonl"
+
+    def run(config: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = cli.main(["generate", str(source), str(out), "--config", config])
+        assert not out.exists()  # refused before any row
+        return code, capsys.readouterr().err
+
+    return run
+
+
+def _one_error_line(code: int, err: str, path: str) -> str:
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"moa: error: {path}: ") and "Traceback" not in err
+    return err.removeprefix(f"moa: error: {path}: ").rstrip("\n")
+
+
+HUGE = "1" * 401
+BOUNDS = [
+    (f"layers = {HUGE}\n" + P + AGG, "layers: must be an integer from 1 to 10, got an integer "
+     "of about 401 digits"),
+    ("layers = 11\n" + P + AGG, "layers: must be an integer from 1 to 10, got 11"),
+    (P + "temperature = inf\n" + AGG, "proposer 1: temperature: must be a number from 0 to 2, "
+     "got inf"),
+    (P + "temperature = 2.5\n" + AGG, "proposer 1: temperature: must be a number from 0 to 2, "
+     "got 2.5"),
+    (P + "timeout = 1e-300\n" + AGG, f"proposer 1: timeout: must be {SECONDS}, got 1e-300"),
+    (P + "timeout = inf\n" + AGG, f"proposer 1: timeout: must be {SECONDS}, got inf"),
+    (P + "timeout = 100000\n" + AGG, f"proposer 1: timeout: must be {SECONDS}, got 100000"),
+    (P + "max_tokens = 1_000_000_000_000\n" + AGG, "proposer 1: max_tokens: must be an "
+     "integer from 1 to 1000000, got 1000000000000"),
+    (P + f"seed = {2**64}\n" + AGG, "proposer 1: seed: must be a 64-bit integer (from -2**63 "
+     "to 2**63 - 1), got an integer of about 20 digits"),
+    (P + "frequency_penalty = nan\n" + AGG, "proposer 1: frequency_penalty: must be a number "
+     "from -2 to 2, got nan"),
+    ("min_proposers = 100\n" + P + AGG, "min_proposers: must be an integer from 1 to 64, got 100"),
+    ("layer_quorum = 1000\n" + P + AGG, "layer_quorum: must be an integer from 1 to 64, got 1000"),
+    ("proposer_timeout = 1e-300\n" + P + AGG, f"proposer_timeout: must be {SECONDS}, or inf "
+     "for no limit, got 1e-300"),
+    ("proposer_timeout = -inf\n" + P + AGG, f"proposer_timeout: must be {SECONDS}, or inf "
+     "for no limit, got -inf"),
+    ("straggler_grace = inf\n" + P + AGG, "straggler_grace: must be a number from 0 to 100, "
+     "got inf"),
+    ("[label]\nsamples = 1000\n" + P + AGG, "label.samples: must be an integer from 2 to 32, "
+     "got 1000"),
+    (P * 65 + AGG, "proposers: at most 64 entries, got 65"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "message"), BOUNDS)
+def test_every_number_in_a_config_file_has_a_documented_range(
+    tmp_path: Path, run_with_config, text: str, message: str
+) -> None:
+    path = write(tmp_path, text, "bounds.toml")
+    assert _one_error_line(*run_with_config(path), path) == message
+
+
+def test_the_bounds_hold_in_yaml_too(tmp_path: Path, run_with_config) -> None:
+    entry = "{model: m, base_url: 'http://x'}"
+    path = write(tmp_path, f"layers: {HUGE}\nproposers: [{entry}]\naggregator: {entry}\n", "b.yaml")
+    reason = _one_error_line(*run_with_config(path), path)
+    assert reason == "layers: must be an integer from 1 to 10, got an integer of about 401 digits"
+    path = write(tmp_path, f"proposers: [{entry}]\naggregator: {{model: m, base_url: "
+                 "'http://x', timeout: .inf}\n", "c.yaml")  # fmt: skip
+    reason = _one_error_line(*run_with_config(path), path)
+    assert reason == f"aggregator.timeout: must be {SECONDS}, got inf"
+
+
+def test_the_edges_of_the_ranges_load(tmp_path: Path) -> None:
+    text = (
+        "layers = 10\nmin_proposers = 1\nproposer_timeout = 0.1\nstraggler_grace = 100\n"
+        "[label]\nsamples = 32\n" + P + "temperature = 2\ntimeout = 86400\nmax_tokens = 1000000\n"
+        f"seed = {-(2**63)}\nfrequency_penalty = -2\n" + AGG
+    )
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.layers == 10 and recipe.proposers[0].timeout == 86400
+    assert recipe.label.samples == 32 and recipe.proposer_timeout == 0.1
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("deep.toml", "x = " + "[" * 20_000 + "]" * 20_000 + "\n" + AGG),
+        ("deep.yaml", "x: " + "[" * 20_000 + "]" * 20_000 + "\n"),
+        ("blocks.yaml", "".join(" " * i + f"k{i}:\n" for i in range(3_000))),  # block style
+        ("digits.toml", "layers = " + "9" * 5000 + "\n" + AGG),
+        ("digits.yaml", "layers: " + "9" * 5000 + "\n"),
+    ],
+)
+def test_a_config_file_too_deep_or_too_long_to_parse_is_one_line(
+    tmp_path: Path, run_with_config, name: str, text: str
+) -> None:
+    path = write(tmp_path, text, name)
+    reason = _one_error_line(*run_with_config(path), path)
+    kind = "TOML" if name.endswith(".toml") else "YAML"
+    if name.startswith("digits"):
+        assert reason == f"invalid {kind}: a number has too many digits to read"
+    else:
+        assert reason == (
+            f"invalid {kind}: nested too deeply to read (a config file needs only a few "
+            "levels of tables)"
+        )
+
+
+RANDOM_KEY = "Xk3mP9qR2vT7wY4zA8bC"  # 20 characters, no shape the redactor knows
+assert redact(RANDOM_KEY) == RANDOM_KEY
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("alias.yaml", f"layers: *{RANDOM_KEY}\n", "invalid YAML at line 1, column 9: found "
+         "undefined alias '...'"),
+        ("twice.toml", f"[{RANDOM_KEY}]\n[{RANDOM_KEY}]\n", "invalid TOML: Cannot declare "
+         "('...',) twice (at line 2, column 22)"),
+    ],
+)  # fmt: skip
+def test_a_random_key_in_a_parse_error_is_never_repeated(
+    tmp_path: Path, run_with_config, name: str, text: str, message: str
+) -> None:
+    path = write(tmp_path, text, name)
+    code, err = run_with_config(path)
+    assert _one_error_line(code, err, path) == message and RANDOM_KEY not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (f"[aggregator]\nmodel='m'\nbase_url='http://x'\napi_key_env='{RANDOM_KEY}'\n",
+         "aggregator.api_key_env: must be the NAME of an environment variable"),
+        (f"layers = '{RANDOM_KEY}'\n" + AGG,
+         "layers: expected integer, got a string of 20 characters (not repeated: it could be "
+         "a key)"),
+        (f"layers = 1\n[aggregator]\nmodel='m'\nbase_url='http://x'\nprovider='{RANDOM_KEY}'\n",
+         "aggregator.provider: must be one of openai-compatible, local, got a string of 20 "
+         "characters"),
+        (f"layers = 1\n[aggregator]\nmodel='m'\nbase_url='{RANDOM_KEY}'\n",
+         "aggregator.base_url: must start with http:// or https:// (e.g. "
+         "https://api.together.xyz/v1)"),
+        (f"layers = 1\n[aggregator]\nmodel='m'\nbase_url='ftp://{RANDOM_KEY}'\n",
+         "aggregator.base_url: must start with http:// or https://, got ftp://..."),
+        (f"layers = 1\n[aggregator]\nmodel='m'\nbase_url='http://x/{RANDOM_KEY} v1'\n",
+         "aggregator.base_url: must not contain spaces or control characters"),
+        (f"layers = 1\n{RANDOM_KEY} = 1\n" + AGG,
+         "a field whose name is not repeated (it could be a key): unknown field"),
+        (f"layers = 1\n[label]\nmode = '{RANDOM_KEY}'\n" + AGG,
+         "label.mode: must be one of 'pairwise' or 'pointwise', got a string of 20 characters"),
+        (f"layers = 1\n[aggregator]\nmodel='m'\nbase_url='http://x'\nseed='{RANDOM_KEY}'\n",
+         "aggregator.seed: expected integer, got a string of 20 characters"),
+    ],
+)  # fmt: skip
+def test_a_random_key_in_any_field_is_never_repeated(
+    tmp_path: Path, run_with_config, text: str, message: str
+) -> None:
+    path = write(tmp_path, text)
+    code, err = run_with_config(path)
+    assert _one_error_line(code, err, path).startswith(message)
+    assert RANDOM_KEY not in err
+
+
+def test_a_random_key_as_model_name_is_not_repeated(
+    tmp_path: Path, run_with_config, monkeypatch
+) -> None:
+    monkeypatch.delenv("MOA_TEST_UNSET_VAR", raising=False)
+    text = f"layers = 1\n[aggregator]\nmodel='{RANDOM_KEY}'\nbase_url='http://x'\n"
+    text += "api_key_env='MOA_TEST_UNSET_VAR'\n"
+    code, err = run_with_config(write(tmp_path, text))
+    assert code == 2 and RANDOM_KEY not in err
+    assert err == (
+        "moa: error: aggregator needs an API key: set the environment variable MOA_TEST_UNSET_VAR\n"
+    )
+
+
+def test_a_random_key_as_recipe_name_is_not_repeated() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(RANDOM_KEY)
+    assert RANDOM_KEY not in str(info.value)
+    assert str(info.value).startswith("unknown recipe: choose one of local")
+    with pytest.raises(ConfigError, match="unknown recipe 'gpt': choose"):
+        load_recipe("gpt")  # a plain word is named
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://user:{RANDOM_KEY}@127.0.0.1:9/v1",
+        f"https://{RANDOM_KEY}@api.example.com/v1",
+        f"http://:{RANDOM_KEY}@127.0.0.1:9",
+    ],
+)
+def test_a_key_in_a_base_urls_userinfo_is_refused(
+    tmp_path: Path, run_with_config, url: str
+) -> None:
+    path = write(tmp_path, f"layers = 1\n[aggregator]\nmodel='m'\nbase_url='{url}'\n")
+    code, err = run_with_config(path)
+    assert _one_error_line(code, err, path) == (
+        "aggregator.base_url: must not hold credentials (user:key@host); put the key in an "
+        "environment variable and give its name with api_key_env"
+    )
+    assert RANDOM_KEY not in err
+
+
+@pytest.mark.parametrize(
+    "name", ["TOGETHER_API_KEY", "MY_KEY", "SCRIPTED_KEY", "my_key", "ACME_ACCESS", "KEY2"]
+)
+def test_ordinary_variable_names_are_accepted(tmp_path: Path, name: str) -> None:
+    text = f"layers = 1\n[aggregator]\nmodel='m'\nbase_url='http://x'\napi_key_env='{name}'\n"
+    assert load_recipe(write(tmp_path, text)).aggregator.api_key_env == name
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["meta-llama/Llama-4-Maverick-17B-128E-Instruct-FP8", "Qwen/Qwen3-235B-A22B-Instruct-2507-tput",
+     "llama3.1:8b", "bartowski/Meta-Llama-3.1-8B-Instruct-GGUF:Q4_K_M.gguf", "gpt-4o-mini"],
+)  # fmt: skip
+def test_model_names_are_still_named_in_the_missing_key_error(
+    tmp_path: Path, monkeypatch, model: str
+) -> None:
+    monkeypatch.delenv("MOA_TEST_UNSET_VAR", raising=False)
+    text = f"layers = 1\n[aggregator]\nmodel='{model}'\nbase_url='http://x'\n"
+    text += "api_key_env='MOA_TEST_UNSET_VAR'\n"
+    with pytest.raises(ConfigError, match=re.escape(f"aggregator ({model}) needs an API key")):
+        load_recipe(write(tmp_path, text)).build_models()
