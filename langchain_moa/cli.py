@@ -656,6 +656,16 @@ def _positive(value: str) -> int:
     return number
 
 
+def _layers(value: str) -> int:
+    """A layer count in the range config files allow (``--layers 100000`` is a typo)."""
+    from langchain_moa.recipes import MAX_LAYERS, RANGES
+
+    number = _positive(value)
+    if number > MAX_LAYERS:
+        raise argparse.ArgumentTypeError(f"must be {RANGES['layers']}, got {number}")
+    return number
+
+
 def _non_negative(value: str) -> int:
     try:
         number = int(value)
@@ -715,7 +725,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="TOML/YAML config file of models, instead of --recipe (default: none)",
     )  # fmt: skip
     parser.add_argument(
-        "--layers", type=_positive, metavar="N",
+        "--layers", type=_layers, metavar="N",
         help="number of layers, 1 = the aggregator alone (default: the recipe's; local: 2)",
     )  # fmt: skip
 
@@ -805,7 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve this config file as a model named by its 'name' (repeatable; default: none)",
     )  # fmt: skip
     serve.add_argument(
-        "--layers", type=_positive, metavar="N",
+        "--layers", type=_layers, metavar="N",
         help="every MoA's number of layers (default: each recipe's)",
     )  # fmt: skip
     serve.add_argument(

@@ -89,6 +89,16 @@ def test_bad_arguments_exit_2_with_usage(argv, capsys) -> None:
     assert "usage: moa" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["chat"], ["serve"]])
+def test_a_layer_count_beyond_the_config_range_is_refused(command, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main([*command, "--layers", "100000"])
+    assert info.value.code == 2
+    assert "argument --layers: must be an integer from 1 to 10, got 100000" in (
+        capsys.readouterr().err
+    )
+
+
 def test_build_chat_moa_applies_config_layers_and_max_tokens(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("CLI_TEST_KEY", "sk-cli-test-0123456789")
     path = tmp_path / "moa.toml"
