@@ -646,34 +646,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------- parser
 
 
-def _positive(value: str) -> int:
+def _integer(value: str, low: int, high: int | None = None, why: str = "") -> int:
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    if number < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {number}")
+    if high is not None and number > high:
+        raise argparse.ArgumentTypeError(f"must be {why}, got {number}")
     return number
+
+
+def _positive(value: str) -> int:
+    return _integer(value, 1)
+
+
+def _non_negative(value: str) -> int:
+    return _integer(value, 0)
 
 
 def _layers(value: str) -> int:
     """A layer count in the range config files allow (``--layers 100000`` is a typo)."""
     from langchain_moa.recipes import MAX_LAYERS, RANGES
 
-    number = _positive(value)
-    if number > MAX_LAYERS:
-        raise argparse.ArgumentTypeError(f"must be {RANGES['layers']}, got {number}")
-    return number
-
-
-def _non_negative(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {number}")
-    return number
+    return _integer(value, 1, MAX_LAYERS, RANGES["layers"])
 
 
 def _seconds(value: str) -> float:
