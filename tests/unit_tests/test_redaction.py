@@ -29,6 +29,12 @@ def shapeless() -> str:
     return "Zk" + "".join(secrets.choice(alphabet) for _ in range(28))
 
 
+def netless() -> str:
+    """A key no pattern catches, not even the random-token net (no upper case)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "zq" + "".join(secrets.choice(alphabet) for _ in range(26))
+
+
 class ProviderWithOddKeyField(ScriptedChatModel):
     """A provider class whose key lives in a field named its own way."""
 
@@ -59,7 +65,7 @@ def test_chat_moa_api_key_is_known_before_any_call() -> None:
 
 
 def test_named_environment_variables_are_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    value = shapeless()
+    value = netless()
     monkeypatch.setenv("ACME_ENDPOINT_ACCESS", value)  # not named like a credential
     assert value in redact(f"x {value}")
     register_env("ACME_ENDPOINT_ACCESS")
