@@ -61,6 +61,7 @@ from langchain_moa._compat import configure_hooks, var_child_runnable_config
 from langchain_moa.models import model_label
 from langchain_moa.redaction import (
     answer_secrets,
+    keep_library_log_redaction,
     mask_urls,
     mask_values,
     one_line,
@@ -326,6 +327,7 @@ class ModelCall:
         """The secret values masked in this call's answer (the model's own keys first
         registered: a sampler or a user's bound model may be seen here for the first time)."""
         register_models([self.model])
+        keep_library_log_redaction()
         return answer_secrets()
 
     def config(self, parent: RunnableConfig | None) -> RunnableConfig:
@@ -609,9 +611,7 @@ def stream(call: ModelCall, config: RunnableConfig | None = None) -> Iterator[AI
     while True:
         begun = time.perf_counter()
         child = call.config(config)
-        iterator = call.runnable.stream(
-            list(call.messages), child, **call.kwargs(call.timeout)
-        )
+        iterator = call.runnable.stream(list(call.messages), child, **call.kwargs(call.timeout))
         masker = StreamMask(call.secrets)
         try:
             while True:
@@ -765,9 +765,7 @@ async def astream(
     while True:
         begun = time.perf_counter()
         child = call.config(config)
-        iterator = call.runnable.astream(
-            list(call.messages), child, **call.kwargs(call.timeout)
-        )
+        iterator = call.runnable.astream(list(call.messages), child, **call.kwargs(call.timeout))
         masker = StreamMask(call.secrets)
         try:
             while True:
@@ -923,7 +921,9 @@ class _Scrubber:
         message = getattr(chunk, "message", None)
         if isinstance(message, AIMessageChunk) and isinstance(message.content, str):
             masked = mask.chunk(message)
-            return masked.content, chunk.model_copy(update={"message": masked})
+            return masked.content, chunk.model_copy(
+                update={"message": masked, "text": masked.content}
+            )
         shown = mask.text(token)
         if isinstance(chunk, GenerationChunk):
             chunk = chunk.model_copy(update={"text": shown})

@@ -228,8 +228,11 @@ def _env_secrets() -> tuple[str, ...]:
     global _env_cache
     raw = environ_snapshot()
     cached = _env_cache
-    if raw is not None and cached is not None and cached[0] == raw and (
-        cached[1] == _known_env_names
+    if (
+        raw is not None
+        and cached is not None
+        and cached[0] == raw
+        and (cached[1] == _known_env_names)
     ):
         return cached[2]
     names = frozenset(_known_env_names)
@@ -357,14 +360,22 @@ def install_log_redaction(logger: logging.Logger | None = None) -> None:
 
 LIBRARY_LOGGERS = (
     "httpx",
+    "httpx2",
     "httpcore",
     "httpcore.connection",
     "httpcore.http11",
     "httpcore.http2",
     "httpcore.proxy",
     "httpcore.socks",
+    "httpcore2",
+    "httpcore2.connection",
+    "httpcore2.http11",
+    "httpcore2.http2",
+    "httpcore2.proxy",
+    "httpcore2.socks",
     "openai",
     "openai._base_client",
+    "openai._response",
     "anthropic",
     "anthropic._base_client",
     "urllib3",
@@ -374,9 +385,11 @@ LIBRARY_LOGGERS = (
     "langsmith.client",
     "langchain_moa",
 )
-"""Loggers whose DEBUG records show requests (headers, URLs, bodies): filtered at import."""
+"""Loggers whose records show requests (URLs with their userinfo at INFO; headers and
+bodies at DEBUG), and every child logger of their libraries: filtered."""
 
-_LIBRARY_PREFIXES = tuple(sorted({name.split(".")[0] for name in LIBRARY_LOGGERS}))
+_LIBRARY_PREFIXES = frozenset(name.split(".")[0] for name in LIBRARY_LOGGERS)
+_loggers_seen = -1
 
 
 def install_library_log_redaction() -> None:
@@ -388,6 +401,7 @@ def install_library_log_redaction() -> None:
     libraries. The filter works whatever handlers the application configures later
     (``logging.basicConfig(level=logging.DEBUG)`` included).
     """
+    global _loggers_seen
     names = set(LIBRARY_LOGGERS)
     for name, logger in list(logging.root.manager.loggerDict.items()):
         if isinstance(logger, logging.Logger) and name.split(".")[0] in _LIBRARY_PREFIXES:
@@ -396,6 +410,14 @@ def install_library_log_redaction() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactingFilter) for f in logger.filters):
             logger.addFilter(RedactingFilter())
+    _loggers_seen = len(logging.root.manager.loggerDict)
+
+
+def keep_library_log_redaction() -> None:
+    """Cover loggers created since the last look (a library imported later): the call
+    layer runs this before every call; it costs a length comparison when none were."""
+    if len(logging.root.manager.loggerDict) != _loggers_seen:
+        install_library_log_redaction()
 
 
 install_library_log_redaction()
