@@ -449,7 +449,7 @@ def check_timeout(value: Any, name: str) -> float | None:
 def _error(call: ModelCall, exc: BaseException) -> CallError:
     # Learn the failing model's keys first: a model no face registered (a sampling
     # policy, a user's bound model) may be the one whose key the provider echoes.
-    register_models([call.model])
+    register_models([call.model], again=True)
     return CallError.from_exception(exc, call.role, call.model_name)
 
 
@@ -829,7 +829,30 @@ def mask_message(message: Any, secrets: Sequence[str]) -> Any:
     metadata); `message` itself when there is nothing to mask."""
     if not secrets:
         return message
-    return _scrub(message, lambda text: mask_values(text, secrets))
+
+    def mask(text: str) -> str:
+        return mask_values(text, secrets)
+
+    if not isinstance(message, BaseMessage):
+        return _scrub(message, mask)
+    updates = {
+        name: new
+        for name in _MESSAGE_FIELDS
+        if (value := getattr(message, name, None))
+        and (new := _scrub(value, mask)) is not value
+    }
+    return message.model_copy(update=updates) if updates else message
+
+
+_MESSAGE_FIELDS = (
+    "content",
+    "tool_calls",
+    "invalid_tool_calls",
+    "tool_call_chunks",
+    "additional_kwargs",
+    "response_metadata",
+)
+"""Where a message's text can be (ids, usage and types hold none)."""
 
 
 def _held_back(text: str, secrets: Sequence[str]) -> int:
@@ -1133,7 +1156,6 @@ def shield_callbacks(callbacks: Any, call: ModelCall | None) -> Any:
         callbacks = CallbackManager.configure()
         if not callbacks.handlers:
             return None
-    scrubber = _Scrubber(call)
     if isinstance(callbacks, BaseCallbackManager):
         manager = callbacks.copy()
         handlers, inheritable = list(manager.handlers), list(manager.inheritable_handlers)
@@ -1150,8 +1172,8 @@ def shield_callbacks(callbacks: Any, call: ModelCall | None) -> Any:
     shields: dict[int, BaseCallbackHandler] = {}
 
     def shielded(handler: BaseCallbackHandler) -> BaseCallbackHandler:
-        if id(handler) not in shields:
-            shields[id(handler)] = _shielded(handler, scrubber)
+        if id(handler) not in shields:  # each its own scrubber: streams are held per handler
+            shields[id(handler)] = _shielded(handler, _Scrubber(call))
         return shields[id(handler)]
 
     if manager is None:
