@@ -838,8 +838,7 @@ def mask_message(message: Any, secrets: Sequence[str]) -> Any:
     updates = {
         name: new
         for name in _MESSAGE_FIELDS
-        if (value := getattr(message, name, None))
-        and (new := _scrub(value, mask)) is not value
+        if (value := getattr(message, name, None)) and (new := _scrub(value, mask)) is not value
     }
     return message.model_copy(update=updates) if updates else message
 

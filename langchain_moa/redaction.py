@@ -84,7 +84,10 @@ _CREDENTIAL_NAME = re.compile(
 _TOKEN_LIKE = re.compile(r"(?=[^\s]*\d)(?=[^\s]*[A-Za-z])[^\s]{16,}")
 _URL_USERINFO = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]*://[^\s/@]+@[^\s]*")
 _MIN_ANSWER_SECRET = 16
-"""Credential-named environment values shorter than this are not masked in answers."""
+"""A value this long (without spaces) is masked in answers whatever its characters."""
+_MIN_ANSWER_KEY = 8
+"""A shorter value is masked in answers only with both letters and digits (see
+`answer_secrets`)."""
 
 _known: set[str] = set()
 _known_env_names: set[str] = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"}
@@ -274,24 +277,44 @@ def known_secrets(extra: Iterable[str] = ()) -> list[str]:
     return sorted(values, key=len, reverse=True)
 
 
-def answer_secrets(extra: Iterable[str] = ()) -> tuple[str, ...]:
+def _answer_worthy(value: str) -> bool:
+    """Whether a secret value is masked in answers, not only in errors and logs.
+
+    Placeholder keys of local servers (``ollama``, ``lm-studio``, ``not-needed``) and
+    settings in variables named like credentials (``KEYBOARD_LAYOUT=enabled-intl``) are
+    words an answer may use; a key has 16 characters or more, or mixes letters and digits.
+    """
+    if any(c.isspace() for c in value):
+        return False
+    if len(value) >= _MIN_ANSWER_SECRET:
+        return True
+    return (
+        len(value) >= _MIN_ANSWER_KEY
+        and any(c.isdigit() for c in value)
+        and any(c.isalpha() for c in value)
+    )
+
+
+_answer_cache: tuple[int, tuple[str, ...], tuple[str, ...]] | None = None
+
+
+def answer_secrets() -> tuple[str, ...]:
     """The values `mask_values` removes from answers, longest first.
 
-    Every value registered (models' keys, base-URL passwords, header credentials) and
-    the variables a config names; of the variables merely *named* like credentials,
-    only values of at least 16 characters without spaces (``KEYBOARD=enabled`` must not
-    blank the word "enabled" out of answers).
+    Every value registered (models' keys, base-URL passwords, header credentials), the
+    variables a config names and the variables named like credentials, each if it looks
+    like a key (`_answer_worthy`). Cached until a secret or the environment changes.
     """
-    values = set(_known)
-    for value in _env_secrets():
-        if len(value) >= _MIN_ANSWER_SECRET and not any(c.isspace() for c in value):
-            values.add(value)
-    for name in _known_env_names:
-        plain = _plain(os.environ.get(name))
-        if plain:
-            values.add(plain)
-    values.update(p for v in extra if (p := _plain(v)))
-    return tuple(sorted(values, key=len, reverse=True))
+    global _answer_cache
+    env = _env_secrets()
+    cached = _answer_cache
+    if cached is not None and cached[0] == len(_known) and cached[1] is env:
+        return cached[2]
+    values = {v for v in _known if _answer_worthy(v)}
+    values.update(v for v in env if _answer_worthy(v))
+    result = tuple(sorted(values, key=len, reverse=True))
+    _answer_cache = (len(_known), env, result)  # holds `env`: its id is not reused
+    return result
 
 
 def mask_values(text: str, secrets: Iterable[str]) -> str:

@@ -167,10 +167,15 @@ def dumped(value: Any) -> str:
 # ------------------------------------------------------------------ ChatMoA faces
 
 
+UNKNOWN = ["no-known-shape", "random-20", "lowercase-28"]  # removed by value alone
+CASES = [(shape, how) for shape in UNKNOWN for how in ("invoke", "ainvoke", "stream", "astream")]
+CASES += [(shape, "invoke") for shape in SHAPES if shape not in UNKNOWN]
+
+
 @pytest.mark.parametrize("keyed", SOURCES, indirect=True)
-@pytest.mark.parametrize("how", ["invoke", "ainvoke", "stream", "astream"])
+@pytest.mark.parametrize(("shape", "how"), CASES, indirect=["shape"])
 async def test_hostile_members_never_leak_the_key(
-    keyed: Keyed, how: str, debug_log: io.StringIO
+    keyed: Keyed, shape: str, how: str, debug_log: io.StringIO
 ) -> None:
     key = keyed.key
     collector = Collector()
@@ -218,7 +223,7 @@ async def test_hostile_members_never_leak_the_key(
 
 
 @pytest.mark.parametrize("keyed", SOURCES, indirect=True)
-@pytest.mark.parametrize("shape", ["no-known-shape", "random-20", "lowercase-28"], indirect=True)
+@pytest.mark.parametrize("shape", UNKNOWN, indirect=True)
 async def test_graph_runs_and_streams_never_leak_the_key(
     keyed: Keyed, shape: str, debug_log: io.StringIO
 ) -> None:

@@ -197,11 +197,15 @@ def test_answers_are_masked_by_value_only(monkeypatch: pytest.MonkeyPatch) -> No
     model = ProviderWithOddKeyField(acme_credential=SecretStr(key))
     from langchain_moa.redaction import register_models
 
-    register_models([model])
+    local = ProviderWithOddKeyField(acme_credential=SecretStr("ollama"))  # a placeholder key
+    register_models([model, local])
     secrets = answer_secrets()
     hexdigest = "0123456789abcdef0123456789abcdef01234567"
-    text = f"sha {hexdigest}, layout enabled-intl, key {key}"
-    assert mask_values(text, secrets) == f"sha {hexdigest}, layout enabled-intl, key ***"
+    text = f"sha {hexdigest}, layout enabled-intl, run ollama, key {key}"
+    assert mask_values(text, secrets) == (
+        f"sha {hexdigest}, layout enabled-intl, run ollama, key ***"
+    )
+    assert redact("ollama") == "***"  # errors and logs still mask it
 
 
 # ------------------------------------------------------------ the call layer
