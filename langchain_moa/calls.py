@@ -879,6 +879,7 @@ class StreamMask:
     def __init__(self, secrets: Sequence[str]) -> None:
         self.secrets = secrets
         self.pending = ""
+        self.id: str | None = None
 
     def text(self, piece: str, *, last: bool = False) -> str:
         """The part of `self.pending + piece` that can be shown now, masked."""
@@ -890,6 +891,7 @@ class StreamMask:
     def chunk(self, chunk: Any) -> Any:
         if not self.secrets:
             return chunk
+        self.id = chunk.id or self.id
         content = chunk.content
         last = getattr(chunk, "chunk_position", None) == "last"
         if isinstance(content, str):
@@ -906,7 +908,7 @@ class StreamMask:
         if not self.pending:
             return None
         held, self.pending = self.pending, ""
-        return AIMessageChunk(content=held)
+        return AIMessageChunk(content=held, id=self.id)  # the same message as the stream's
 
 
 class _Scrubber:

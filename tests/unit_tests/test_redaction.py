@@ -255,8 +255,9 @@ def test_held_back_text_that_was_no_key_is_released() -> None:
     plain = AIMessageChunk(content="abc")
     assert StreamMask(()).chunk(plain) is plain  # no secrets: untouched, no cost
     mask = StreamMask(["abcdef123"])
-    assert mask.chunk(AIMessageChunk(content="the end: abc")).content == "the end: "
-    assert mask.flush().content == "abc"  # the stream ended: released
+    assert mask.chunk(AIMessageChunk(content="the end: abc", id="m1")).content == "the end: "
+    rest = mask.flush()  # the stream ended: released, as part of the same message
+    assert rest is not None and (rest.content, rest.id) == ("abc", "m1")
 
 
 class Recorder(BaseCallbackHandler):
