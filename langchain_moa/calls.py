@@ -1007,6 +1007,20 @@ def _first_arg(fix: Callable[[_Scrubber, Any], Any]) -> Any:
 
 
 def _start(scrubber: _Scrubber, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A run starts: its ``serialized`` model and its parameters are cleaned. Its input
+    messages are not walked (a cost on every call): the drafts in them were masked when
+    they were answered, and the rest is the caller's own conversation."""
+    if args:
+        args = (scrubber.settings(args[0]), *args[1:])
+    cleaned = {k: scrubber.settings(kwargs[k]) for k in _SETTINGS if k in kwargs}
+    return args, {**kwargs, **cleaned} if cleaned else kwargs
+
+
+_SETTINGS = ("invocation_params", "metadata", "inputs", "options")
+
+
+def _start_with_inputs(scrubber: _Scrubber, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A chain or tool inside a call (a model built as a chain): its inputs cleaned too."""
     return scrubber.settings(args), scrubber.settings(kwargs)
 
 
@@ -1033,8 +1047,8 @@ def _answer_first(scrubber: _Scrubber, args: tuple, kwargs: dict) -> tuple[tuple
 _EVENTS: dict[str, Callable[[_Scrubber, tuple, dict], tuple[tuple, dict]]] = {
     "on_chat_model_start": _start,
     "on_llm_start": _start,
-    "on_chain_start": _start,
-    "on_tool_start": _start,
+    "on_chain_start": _start_with_inputs,
+    "on_tool_start": _start_with_inputs,
     "on_llm_new_token": _new_token,
     "on_llm_end": _answer_first,
     "on_chain_end": _answer_first,
