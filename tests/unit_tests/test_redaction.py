@@ -330,3 +330,22 @@ def test_library_loggers_are_redacted_at_debug_for_any_handler() -> None:
         root.setLevel(old)
     text = stream.getvalue()
     assert "http://u:***@h/v1" in text and key not in text and text.count("***") == 3
+
+
+class Unsubclassable(Recorder):
+    """A handler class that refuses subclasses: shielded by delegation instead."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        raise TypeError("final class")
+
+
+def test_a_handler_that_cannot_be_subclassed_is_shielded_by_delegation() -> None:
+    key = netless()
+    failing = ProviderWithOddKeyField(
+        acme_credential=SecretStr(key), fail_always=True, error=RuntimeError(f"bad key {key}")
+    )
+    handler = Unsubclassable()
+    with pytest.raises(CallError):
+        invoke(ModelCall(failing, [], "judge 1", "judge"), {"callbacks": [handler]})
+    assert [kind for kind, *_ in handler.seen] == ["error"]
+    assert isinstance(handler.seen[0][1], CallError) and key not in repr(handler.seen)
