@@ -13,10 +13,13 @@ runs the unit tests at those minimums) and with the latest releases.
 - `RunnableCallable`: LangGraph's node wrapper with separate sync and async functions,
   which its own prebuilt agent uses.
 - `node_attempt`: the attempt number of the running node (1-based) for retry decisions.
+- `environ_snapshot`: the standard library's raw mapping behind ``os.environ``, so the
+  redactor can tell in under a microsecond whether the environment changed.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from langchain_core.runnables.config import var_child_runnable_config
@@ -25,6 +28,12 @@ from langchain_core.tracers._streaming import (
 )
 from langchain_core.tracers.context import _configure_hooks as configure_hooks
 from langgraph._internal._runnable import RunnableCallable
+
+
+def environ_snapshot() -> dict[Any, Any] | None:
+    """``os.environ``'s raw mapping (compare it with a copy to detect a change), or None."""
+    raw = getattr(os.environ, "_data", None)
+    return raw if isinstance(raw, dict) else None
 
 
 def node_attempt(runtime: Any) -> int:
@@ -36,6 +45,7 @@ __all__ = [
     "RunnableCallable",
     "StreamingCallbackHandler",
     "configure_hooks",
+    "environ_snapshot",
     "node_attempt",
     "var_child_runnable_config",
 ]

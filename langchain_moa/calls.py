@@ -19,6 +19,14 @@ concurrent fan-out). So the guarantees below hold on every face because they exi
   removed (see `redaction`). It is raised without the provider's exception attached (that
   object holds the request, headers included), and it keeps what a retry decision needs:
   `CallError.transient`, `status_code` and `error_type`.
+- **Secrets**: a provider may quote its key back, in an error or in an answer. Errors are
+  redacted (above); every answer (message, and streamed chunks, with a tail held back
+  while it could be the start of a key split across chunks) has the known secret values
+  masked (`redaction.mask_values`, values only: answers keep their hex strings). The
+  callback handlers of each child run (tracers such as LangSmith, ``astream_events``,
+  LangGraph's streams) are wrapped so that they receive the redacted `CallError` instead
+  of the provider's exception, masked outputs and tokens, and ``serialized`` payloads
+  without header or base-URL credentials (`shield_callbacks`).
 - **Accounting**: every result carries the model's answer, its usage and its latency.
 """
 
@@ -27,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import inspect
 import math
 import threading
 import time
@@ -35,13 +44,30 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from langchain_core.callbacks import (
+    AsyncCallbackHandler,
+    BaseCallbackHandler,
+    BaseCallbackManager,
+    CallbackManager,
+)
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata, add_usage
+from langchain_core.outputs import ChatGenerationChunk, GenerationChunk
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langgraph.errors import GraphBubbleUp
+from pydantic import BaseModel
 
+from langchain_moa._compat import configure_hooks, var_child_runnable_config
 from langchain_moa.models import model_label
-from langchain_moa.redaction import one_line, register_models
+from langchain_moa.redaction import (
+    answer_secrets,
+    keep_library_log_redaction,
+    mask_urls,
+    mask_values,
+    one_line,
+    redact,
+    register_models,
+)
 
 NOSTREAM = "nostream"
 """LangGraph's tag for runs whose tokens must not reach ``stream_mode="messages"``."""
@@ -296,8 +322,17 @@ class ModelCall:
     def tags(self) -> list[str]:
         return [f"moa:{self.kind}", NOSTREAM] if self.hidden else [f"moa:{self.kind}"]
 
+    @functools.cached_property
+    def secrets(self) -> tuple[str, ...]:
+        """The secret values masked in this call's answer (the model's own keys first
+        registered: a sampler or a user's bound model may be seen here for the first time)."""
+        register_models([self.model])
+        keep_library_log_redaction()
+        return answer_secrets()
+
     def config(self, parent: RunnableConfig | None) -> RunnableConfig:
-        """The child run's config: the parent's callbacks and context, our tags and name."""
+        """The child run's config: the parent's callbacks (shielded) and context, our tags
+        and name."""
         base: dict[str, Any] = {
             k: v for k, v in (parent or {}).items() if k not in ("run_id", "run_name")
         }
@@ -305,6 +340,9 @@ class ModelCall:
         base["metadata"] = {**base.get("metadata", {}), **self.metadata}
         if self.run_name:
             base["run_name"] = self.run_name
+        callbacks = shield_callbacks(base.get("callbacks"), self)
+        if callbacks is not None:
+            base["callbacks"] = callbacks
         return base  # type: ignore[return-value]
 
     def kwargs(self, remaining: float | None) -> dict[str, Any]:
@@ -421,7 +459,7 @@ def _is_client_timeout(exc: BaseException) -> bool:
 def _error(call: ModelCall, exc: BaseException) -> CallError:
     # Learn the failing model's keys first: a model no face registered (a sampling
     # policy, a user's bound model) may be the one whose key the provider echoes.
-    register_models([call.model])
+    register_models([call.model], again=True)
     if call.timeout is not None and _is_client_timeout(exc):
         # The budget went down as the client's request timeout (`ModelCall.kwargs`), so
         # the client giving up first is the same event as the budget running out: one
@@ -462,7 +500,10 @@ class _Worker:
 def _invoke_inline(
     call: ModelCall, config: RunnableConfig | None, remaining: float | None
 ) -> AIMessage:
-    return call.runnable.invoke(list(call.messages), call.config(config), **call.kwargs(remaining))
+    child = call.config(config)
+    with _child_scope(child):
+        message = call.runnable.invoke(list(call.messages), child, **call.kwargs(remaining))
+    return mask_message(message, call.secrets)
 
 
 def _settle(worker: _Worker, now: float) -> CallResult:
@@ -584,15 +625,18 @@ def stream(call: ModelCall, config: RunnableConfig | None = None) -> Iterator[AI
     attempt, started = 0, False
     while True:
         begun = time.perf_counter()
-        iterator = call.runnable.stream(
-            list(call.messages), call.config(config), **call.kwargs(call.timeout)
-        )
+        child = call.config(config)
+        iterator = call.runnable.stream(list(call.messages), child, **call.kwargs(call.timeout))
+        masker = StreamMask(call.secrets)
         try:
             while True:
                 try:
-                    chunk = next(iterator)
+                    with _child_scope(child):
+                        chunk = next(iterator)
                 except StopIteration:
                     CallResult(call, latency_s=time.perf_counter() - begun)  # for observers
+                    if (rest := masker.flush()) is not None:
+                        yield rest
                     return
                 except (GraphBubbleUp, KeyboardInterrupt):
                     raise
@@ -601,7 +645,7 @@ def stream(call: ModelCall, config: RunnableConfig | None = None) -> Iterator[AI
                     CallResult(call, error=error, latency_s=time.perf_counter() - begun)
                     break
                 started = True
-                yield chunk  # type: ignore[misc]
+                yield masker.chunk(chunk)  # type: ignore[misc]
         finally:
             iterator.close()  # type: ignore[attr-defined]
         if started or not error.transient or attempt >= call.retries:
@@ -614,9 +658,12 @@ def stream(call: ModelCall, config: RunnableConfig | None = None) -> Iterator[AI
 
 
 async def _ainvoke_inline(call: ModelCall, config: RunnableConfig | None) -> AIMessage:
-    return await call.runnable.ainvoke(
-        list(call.messages), call.config(config), **call.kwargs(call.timeout)
-    )
+    child = call.config(config)
+    with _child_scope(child):
+        message = await call.runnable.ainvoke(
+            list(call.messages), child, **call.kwargs(call.timeout)
+        )
+    return mask_message(message, call.secrets)
 
 
 async def _arun_one(
@@ -732,15 +779,18 @@ async def astream(
     attempt, started = 0, False
     while True:
         begun = time.perf_counter()
-        iterator = call.runnable.astream(
-            list(call.messages), call.config(config), **call.kwargs(call.timeout)
-        )
+        child = call.config(config)
+        iterator = call.runnable.astream(list(call.messages), child, **call.kwargs(call.timeout))
+        masker = StreamMask(call.secrets)
         try:
             while True:
                 try:
-                    chunk = await iterator.__anext__()
+                    with _child_scope(child):
+                        chunk = await iterator.__anext__()
                 except StopAsyncIteration:
                     CallResult(call, latency_s=time.perf_counter() - begun)  # for observers
+                    if (rest := masker.flush()) is not None:
+                        yield rest
                     return
                 except GraphBubbleUp:
                     raise
@@ -749,13 +799,439 @@ async def astream(
                     CallResult(call, error=error, latency_s=time.perf_counter() - begun)
                     break
                 started = True
-                yield chunk  # type: ignore[misc]
+                yield masker.chunk(chunk)  # type: ignore[misc]
         finally:
             await iterator.aclose()  # type: ignore[attr-defined]
         if started or not error.transient or attempt >= call.retries:
             raise error
         await asyncio.sleep(_backoff(attempt))
         attempt += 1
+
+
+# ------------------------------------------------------------- what others see
+
+
+def _scrub(value: Any, text: Callable[[str], str], depth: int = 0) -> Any:
+    """`value` with `text` applied to every string inside it (dicts, lists, tuples and
+    pydantic models such as messages and `LLMResult`); the same object when nothing
+    changed, so the common case copies nothing."""
+    if isinstance(value, str):
+        new = text(value)
+        return value if new == value else new
+    if depth > 16 or value is None or isinstance(value, (int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        changed = {k: n for k, v in value.items() if (n := _scrub(v, text, depth + 1)) is not v}
+        return {**value, **changed} if changed else value
+    if isinstance(value, (list, tuple)):
+        items = [_scrub(v, text, depth + 1) for v in value]
+        if all(n is v for n, v in zip(items, value, strict=True)):
+            return value
+        return items if isinstance(value, list) else type(value)(items)
+    if isinstance(value, BaseModel):
+        updates = {
+            name: n
+            for name in type(value).model_fields
+            if (n := _scrub(getattr(value, name, None), text, depth + 1))
+            is not getattr(value, name, None)
+        }
+        return value.model_copy(update=updates) if updates else value
+    return value
+
+
+def mask_message(message: Any, secrets: Sequence[str]) -> Any:
+    """A model's answer with every known secret value masked (content, tool calls,
+    metadata); `message` itself when there is nothing to mask."""
+    if not secrets:
+        return message
+
+    def mask(text: str) -> str:
+        return mask_values(text, secrets)
+
+    if not isinstance(message, BaseMessage):
+        return _scrub(message, mask)
+    updates = {
+        name: new
+        for name in _MESSAGE_FIELDS
+        if (value := getattr(message, name, None)) and (new := _scrub(value, mask)) is not value
+    }
+    return message.model_copy(update=updates) if updates else message
+
+
+_MESSAGE_FIELDS = (
+    "content",
+    "tool_calls",
+    "invalid_tool_calls",
+    "tool_call_chunks",
+    "additional_kwargs",
+    "response_metadata",
+)
+"""Where a message's text can be (ids, usage and types hold none)."""
+
+
+def _held_back(text: str, secrets: Sequence[str]) -> int:
+    """How many trailing characters of `text` could be the start of a secret."""
+    longest = 0
+    for secret in secrets:
+        i = text.find(secret[0], max(0, len(text) - len(secret) + 1))
+        while i != -1 and len(text) - i > longest:
+            if secret.startswith(text[i:]):
+                longest = len(text) - i
+                break
+            i = text.find(secret[0], i + 1)
+    return longest
+
+
+class StreamMask:
+    """Masks known secrets in a stream of chunks, even a secret split across chunks.
+
+    Text that could be the beginning of a secret is held back until the next chunk shows
+    whether it is one (at most the longest secret's length, and only while the tail
+    matches a secret's start: ordinary text passes at once). With no secrets known,
+    chunks pass through untouched.
+    """
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        self.secrets = secrets
+        self.pending = ""
+        self.id: str | None = None
+
+    def text(self, piece: str, *, last: bool = False) -> str:
+        """The part of `self.pending + piece` that can be shown now, masked."""
+        text = mask_values(self.pending + piece, self.secrets)
+        keep = 0 if last else _held_back(text, self.secrets)
+        self.pending = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep] if keep else text
+
+    def chunk(self, chunk: Any) -> Any:
+        if not self.secrets:
+            return chunk
+        self.id = chunk.id or self.id
+        content = chunk.content
+        last = getattr(chunk, "chunk_position", None) == "last"
+        if isinstance(content, str):
+            shown = self.text(content, last=last)
+            if shown != content:
+                chunk = chunk.model_copy(update={"content": shown})
+        elif self.pending:  # content blocks: release the held text before them
+            held, self.pending = self.pending, ""
+            chunk = chunk.model_copy(update={"content": [{"type": "text", "text": held}, *content]})
+        return mask_message(chunk, self.secrets)
+
+    def flush(self) -> AIMessageChunk | None:
+        """The text still held back when the stream ends (it was no secret), as a chunk."""
+        if not self.pending:
+            return None
+        held, self.pending = self.pending, ""
+        return AIMessageChunk(content=held, id=self.id)  # the same message as the stream's
+
+
+class _Scrubber:
+    """What one call's callback handlers may receive: redacted errors, masked answers."""
+
+    def __init__(self, call: ModelCall | None) -> None:
+        self.call = call
+        self.secrets = call.secrets if call is not None else answer_secrets()
+        self.streams: dict[Any, StreamMask] = {}
+
+    def error(self, error: BaseException) -> BaseException:
+        if isinstance(error, (CallError, GraphBubbleUp, KeyboardInterrupt)):
+            return error
+        if self.call is None:
+            return CallError.from_exception(error, "model", type(error).__name__)
+        return CallError.from_exception(error, self.call.role, self.call.model_name)
+
+    def answer(self, value: Any) -> Any:
+        return mask_message(value, self.secrets)
+
+    def settings(self, value: Any) -> Any:
+        """A run's serialized model, parameters and inputs: secret values and URL
+        passwords masked (the pattern net is not used: inputs are people's text)."""
+        return _scrub(value, lambda text: mask_urls(mask_values(text, self.secrets)))
+
+    def failure_data(self, value: Any) -> Any:
+        """What a provider's error carried (its response body and headers): redacted."""
+        return _scrub(value, redact)
+
+    def token(self, run_id: Any, token: str, chunk: Any) -> tuple[str, Any]:
+        if not self.secrets:
+            return token, chunk
+        mask = self.streams.setdefault(run_id, StreamMask(self.secrets))
+        message = getattr(chunk, "message", None)
+        if isinstance(message, AIMessageChunk) and isinstance(message.content, str):
+            masked = mask.chunk(message)
+            return masked.content, chunk.model_copy(
+                update={"message": masked, "text": masked.content}
+            )
+        shown = mask.text(token)
+        if isinstance(chunk, GenerationChunk):
+            chunk = chunk.model_copy(update={"text": shown})
+        return shown, self.answer(chunk)
+
+    def held(self, run_id: Any) -> tuple[str, Any] | None:
+        """The text still held back for a run that ends: a last token to send."""
+        mask = self.streams.pop(run_id, None)
+        rest = mask.flush() if mask is not None else None
+        if rest is None:
+            return None
+        return rest.text, ChatGenerationChunk(message=rest)
+
+
+def _event(name: str, scrub: Callable[[_Scrubber, tuple, dict], tuple[tuple, dict]]) -> Any:
+    """A handler method that cleans its arguments, then calls the wrapped handler's."""
+
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        scrubber = _scrubber_of(self)
+        args, kwargs = scrub(scrubber, args, kwargs)
+        return _target(self, name)(*args, **kwargs)
+
+    async def amethod(self: Any, *args: Any, **kwargs: Any) -> Any:
+        scrubber = _scrubber_of(self)
+        args, kwargs = scrub(scrubber, args, kwargs)
+        result = _target(self, name)(*args, **kwargs)
+        return await result if inspect.isawaitable(result) else result
+
+    method.__name__ = amethod.__name__ = name
+    return method, amethod
+
+
+def _scrubber_of(handler: Any) -> _Scrubber:
+    scrubber = getattr(handler, "_moa_scrubber", None)
+    if scrubber is None:  # a copy langchain-core made of a shielded handler
+        scrubber = _Scrubber(None)
+    return scrubber
+
+
+def _target(handler: Any, name: str) -> Any:
+    inner = getattr(handler, "_moa_inner", None)
+    if inner is not None:
+        return getattr(inner, name)
+    for cls in type(handler).__mro__:  # past the shield: the handler class's own method
+        if cls not in (_SyncShield, _AsyncShield) and name in cls.__dict__:
+            return cls.__dict__[name].__get__(handler, type(handler))
+    raise AttributeError(name)
+
+
+def _first_arg(fix: Callable[[_Scrubber, Any], Any]) -> Any:
+    def scrub(scrubber: _Scrubber, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            args = (fix(scrubber, args[0]), *args[1:])
+        return args, kwargs
+
+    return scrub
+
+
+def _start(scrubber: _Scrubber, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A run starts: its ``serialized`` model and its parameters are cleaned. Its input
+    messages are not walked (a cost on every call): the drafts in them were masked when
+    they were answered, and the rest is the caller's own conversation."""
+    if args:
+        args = (scrubber.settings(args[0]), *args[1:])
+    cleaned = {k: scrubber.settings(kwargs[k]) for k in _SETTINGS if k in kwargs}
+    return args, {**kwargs, **cleaned} if cleaned else kwargs
+
+
+_SETTINGS = ("invocation_params", "metadata", "inputs", "options")
+
+
+def _start_with_inputs(scrubber: _Scrubber, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A chain or tool inside a call (a model built as a chain): its inputs cleaned too."""
+    return scrubber.settings(args), scrubber.settings(kwargs)
+
+
+def _llm_error(scrubber: _Scrubber, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    args, kwargs = _first_arg(_Scrubber.error)(scrubber, args, kwargs)
+    if kwargs.get("response") is not None:
+        kwargs = {**kwargs, "response": scrubber.failure_data(kwargs["response"])}
+    return args, kwargs
+
+
+def _new_token(scrubber: _Scrubber, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    token = args[0] if args else kwargs.get("token", "")
+    shown, chunk = scrubber.token(kwargs.get("run_id"), token, kwargs.get("chunk"))
+    kwargs = {k: v for k, v in kwargs.items() if k != "token"}
+    if "chunk" in kwargs or chunk is not None:
+        kwargs["chunk"] = chunk
+    return (shown, *args[1:]), kwargs
+
+
+def _answer_first(scrubber: _Scrubber, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return _first_arg(_Scrubber.answer)(scrubber, args, kwargs)
+
+
+_EVENTS: dict[str, Callable[[_Scrubber, tuple, dict], tuple[tuple, dict]]] = {
+    "on_chat_model_start": _start,
+    "on_llm_start": _start,
+    "on_chain_start": _start_with_inputs,
+    "on_tool_start": _start_with_inputs,
+    "on_llm_new_token": _new_token,
+    "on_llm_end": _answer_first,
+    "on_chain_end": _answer_first,
+    "on_tool_end": _answer_first,
+    "on_llm_error": _llm_error,
+    "on_chain_error": _first_arg(_Scrubber.error),
+    "on_tool_error": _first_arg(_Scrubber.error),
+    "on_retriever_error": _first_arg(_Scrubber.error),
+}
+
+
+def _flush_then(name: str, sync: bool) -> Any:
+    """``on_llm_end``: send the text held back for the run first, as its last token."""
+    plain, aplain = _event(name, _answer_first)
+
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rest = _scrubber_of(self).held(kwargs.get("run_id"))
+        if rest is not None and not getattr(self, "ignore_llm", False):
+            _target(self, "on_llm_new_token")(rest[0], chunk=rest[1], **_ids(kwargs))
+        return plain(self, *args, **kwargs)
+
+    async def amethod(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rest = _scrubber_of(self).held(kwargs.get("run_id"))
+        if rest is not None and not getattr(self, "ignore_llm", False):
+            result = _target(self, "on_llm_new_token")(rest[0], chunk=rest[1], **_ids(kwargs))
+            if inspect.isawaitable(result):
+                await result
+        return await aplain(self, *args, **kwargs)
+
+    return method if sync else amethod
+
+
+def _ids(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: kwargs[k] for k in ("run_id", "parent_run_id", "tags") if k in kwargs}
+
+
+_SyncShield = type(
+    "_SyncShield",
+    (),
+    {
+        "__slots__": (),
+        **{name: _event(name, scrub)[0] for name, scrub in _EVENTS.items()},
+        "on_llm_end": _flush_then("on_llm_end", True),
+    },
+)
+_AsyncShield = type(
+    "_AsyncShield",
+    (),
+    {
+        "__slots__": (),
+        **{name: _event(name, scrub)[1] for name, scrub in _EVENTS.items()},
+        "on_llm_end": _flush_then("on_llm_end", False),
+    },
+)
+_shield_classes: dict[type, type] = {}
+_shield_lock = threading.Lock()
+
+
+def _shield_class(cls: type) -> type:
+    """``cls`` with the shield's event methods in front (one class per handler class)."""
+    shield = _shield_classes.get(cls)
+    if shield is None:
+        mixin = _AsyncShield if issubclass(cls, AsyncCallbackHandler) else _SyncShield
+        shield = type(
+            cls.__name__,
+            (mixin, cls),
+            {"__slots__": ("_moa_inner", "_moa_scrubber"), "__module__": cls.__module__},
+        )
+        with _shield_lock:
+            shield = _shield_classes.setdefault(cls, shield)
+    return shield
+
+
+def _shielded(handler: BaseCallbackHandler, scrubber: _Scrubber) -> BaseCallbackHandler:
+    """`handler` as seen by one call's runs: the same object state (its ``__dict__`` is
+    shared, so a tracer's run tree is one), the same class for ``isinstance`` checks
+    (LangChain recognises tracers and streaming handlers by class), redacted events."""
+    handler = getattr(handler, "_moa_inner", None) or handler
+    try:
+        shield = object.__new__(_shield_class(type(handler)))
+        shield.__dict__ = handler.__dict__
+    except (TypeError, AttributeError):  # a handler without a plain __dict__
+        shield = _Delegate(handler)
+    shield._moa_inner = handler
+    shield._moa_scrubber = scrubber
+    return shield
+
+
+class _Delegate(BaseCallbackHandler):
+    """The shield for a handler whose state cannot be shared: forwards everything."""
+
+    def __init__(self, inner: BaseCallbackHandler) -> None:
+        object.__setattr__(self, "_moa_inner", inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._moa_inner, name)
+
+    raise_error = property(lambda self: self._moa_inner.raise_error)  # type: ignore[assignment]
+    run_inline = property(lambda self: self._moa_inner.run_inline)  # type: ignore[assignment]
+
+
+for _name, _scrub_args in _EVENTS.items():
+    setattr(_Delegate, _name, _event(_name, _scrub_args)[0])
+_Delegate.on_llm_end = _flush_then("on_llm_end", True)  # type: ignore[method-assign]
+
+
+def shield_callbacks(callbacks: Any, call: ModelCall | None) -> Any:
+    """The callbacks a child run gets: every handler shielded (see `_shielded`).
+
+    `callbacks` is a config's (a list, a manager or None). None means the handlers
+    LangChain would find by itself: the ambient parent config's, then the environment's
+    (a ``LANGSMITH_TRACING`` tracer, ``set_debug``) and context managers'
+    (``collect_runs``); they are gathered here so that they are shielded too. Returns
+    None when there is no handler at all (nothing to pass).
+    """
+    if callbacks is None:
+        ambient = var_child_runnable_config.get()
+        callbacks = ambient.get("callbacks") if ambient else None
+    if callbacks is None:
+        callbacks = CallbackManager.configure()
+        if not callbacks.handlers:
+            return None
+    if isinstance(callbacks, BaseCallbackManager):
+        manager = callbacks.copy()
+        handlers, inheritable = list(manager.handlers), list(manager.inheritable_handlers)
+    else:
+        manager = None
+        handlers = inheritable = list(callbacks)
+    present = {id(h) for h in handlers} | {id(getattr(h, "_moa_inner", h)) for h in handlers}
+    for var, hook_inheritable, _cls, _env in configure_hooks:
+        hooked = var.get()  # hidden from the child's own configure by `_child_scope`
+        if hooked is not None and id(hooked) not in present:
+            handlers = [*handlers, hooked]
+            if hook_inheritable:
+                inheritable = [*inheritable, hooked]
+    shields: dict[int, BaseCallbackHandler] = {}
+
+    def shielded(handler: BaseCallbackHandler) -> BaseCallbackHandler:
+        if id(handler) not in shields:  # each its own scrubber: streams are held per handler
+            shields[id(handler)] = _shielded(handler, _Scrubber(call))
+        return shields[id(handler)]
+
+    if manager is None:
+        return [shielded(h) for h in handlers]
+    manager.handlers = [shielded(h) for h in handlers]
+    manager.inheritable_handlers = [shielded(h) for h in inheritable]
+    return manager
+
+
+@contextmanager
+def _child_scope(child: RunnableConfig) -> Iterator[None]:
+    """The context a child run starts (and steps) in: only its shielded handlers.
+
+    - The ambient config becomes the child's: LangChain merges the ambient one (a graph
+      node's, with the unshielded handlers) into a bound model's config otherwise.
+    - Context-registered handlers (``collect_runs``...) are hidden: `shield_callbacks`
+      already passed them, shielded, and LangChain would add the unshielded one too (it
+      recognises them by identity).
+    """
+    tokens: list[tuple[contextvars.ContextVar, contextvars.Token]] = [
+        (var_child_runnable_config, var_child_runnable_config.set(child))
+    ]
+    tokens += [(var, var.set(None)) for var, *_ in configure_hooks if var.get() is not None]
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
 
 
 # -------------------------------------------------------------------- accounting

@@ -224,6 +224,13 @@ class ChatMoA(BaseChatModel):
         return options
 
     # ------------------------------------------------------------- identification
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """Fields as `repr` (and `str`, and LangChain's ``serialized`` payload given to
+        callbacks, built from `repr`) shows them: redacted, so members' default headers
+        and base-URL passwords never show."""
+        for name, value in super().__repr_args__():
+            yield name, _Redacted(repr(value))
+
     @property
     def _llm_type(self) -> str:
         return "moa"
@@ -466,6 +473,18 @@ class ChatMoA(BaseChatModel):
         yield ChatGenerationChunk(message=first)
         async for chunk in stream:
             yield ChatGenerationChunk(message=chunk)
+
+
+class _Redacted:
+    """A value whose `repr` is the redacted `repr` of the original."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = redact(text)
+
+    def __repr__(self) -> str:
+        return self.text
 
 
 _ACTIVE_RUN: ContextVar[tuple[UUID, RunnableConfig] | None] = ContextVar(

@@ -55,7 +55,9 @@ class ModelScript:
     tool_calls: list[dict[str, Any]] | None = None
     """Explicit tool calls to return (each ``{"name": ..., "arguments": {...}}``)."""
     reject_key: bool = False
-    """Answer 401 quoting the caller's key back, as OpenAI does for a wrong key."""
+    """Answer 401 quoting the caller's key back, as OpenAI does for a wrong key: the
+    ``X-Api-Key`` / ``Api-Key`` header when sent, else the password of Basic auth (a base
+    URL with ``user:KEY@``), else the Bearer token."""
     no_choices: bool = False
     """Answer 200 with an empty ``choices`` list (seen from some gateways)."""
 
@@ -376,7 +378,7 @@ def _make_handler(server: ScriptedOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 self._send_json(400, {"error": {"message": "invalid JSON", "type": "bad_request"}})
                 return
             model = str(body.get("model", "scripted"))
-            caller_key = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+            caller_key = _caller_key(self.headers)
             headers = {
                 k: ("REDACTED" if k.lower() in ("authorization", "api-key") else v)
                 for k, v in self.headers.items()
@@ -580,6 +582,24 @@ def _make_handler(server: ScriptedOpenAIServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.flush()
 
     return Handler
+
+
+def _caller_key(headers: Any) -> str:
+    """The credential a request carries (see `ModelScript.reject_key`)."""
+    explicit = headers.get("X-Api-Key") or headers.get("Api-Key")
+    if explicit:
+        return explicit
+    authorization = headers.get("Authorization") or ""
+    if authorization.startswith("Basic "):
+        import base64
+        import binascii
+
+        try:
+            pair = base64.b64decode(authorization.removeprefix("Basic ")).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return authorization
+        return pair.partition(":")[2]
+    return authorization.removeprefix("Bearer ")
 
 
 def free_port() -> int:
