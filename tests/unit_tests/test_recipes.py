@@ -651,7 +651,7 @@ def test_a_config_file_too_deep_or_too_long_to_parse_is_one_line(
         )
 
 
-RANDOM_KEY = "Xk3mP9qR2vT7wY4zA8bC"  # 20 characters, no shape the redactor knows
+RANDOM_KEY = "xk3mp9qr2vt7wy4za8bc"  # 20 characters, no shape the redactor knows
 assert redact(RANDOM_KEY) == RANDOM_KEY
 
 
