@@ -694,3 +694,32 @@ def test_inspector_renders_markdown_safely_in_proposer_order(
     shot = Path(os.environ.get("MOA_INSPECTOR_SCREENSHOT") or tmp_path / "inspector.png")
     browser.screenshot(shot)  # MOA_INSPECTOR_SCREENSHOT=docs/images/inspector.png keeps it
     assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and shot.stat().st_size > 10_000
+
+
+# The page's Markdown renderer on its own: model text in, the elements it builds out.
+MARKDOWN_CASES = {
+    "[a](JAVASCRIPT:alert(1)) [b](data:text/html,x) [c](/relative) [d](HTTPS://example.com)":
+        '<p>[a](JAVASCRIPT:alert(1)) [b](data:text/html,x) [c](/relative) <a href="https://'
+        'example.com/" rel="noopener noreferrer nofollow" target="_blank">d</a></p>',
+    "<svg onload=alert(1)> &amp; <!-- x -->":
+        "<p>&lt;svg onload=alert(1)&gt; &amp;amp; &lt;!-- x --&gt;</p>",
+    "```js\n<script>x()</script>":  # unclosed, as while streaming
+        '<pre><code data-lang="js">&lt;script&gt;x()&lt;/script&gt;</code></pre>',
+    "snake_case_name, _it_ and *a **b** c* and \\*not\\*":
+        "<p>snake_case_name, <em>it</em> and <em>a <strong>b</strong> c</em> and *not*</p>",
+    "`a <b> **c**`": "<p><code>a &lt;b&gt; **c**</code></p>",
+    "# T\n\n> quote **b**\n\n---": "<h1>T</h1><blockquote><p>quote <strong>b</strong></p>"
+                                   "</blockquote><hr>",
+    "3. three\n4. four\n   - nested": '<ol start="3"><li>three</li><li>four<ul><li>nested</li>'
+                                      "</ul></li></ol>",
+}  # fmt: skip
+
+
+def test_inspector_markdown_renderer(served: str, browser: DevTools) -> None:
+    browser.open(f"{served}/")
+    assert browser.wait_for("document.querySelectorAll('#model option').length")
+    rendered = browser.evaluate(
+        "(cases => cases.map(text => { const box = document.createElement('div');"
+        f" markdown(text, box); return box.innerHTML; }}))({json.dumps(list(MARKDOWN_CASES))})"
+    )
+    assert dict(zip(MARKDOWN_CASES, rendered, strict=True)) == MARKDOWN_CASES
