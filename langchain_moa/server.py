@@ -450,6 +450,8 @@ def draft_event(result: CallResult) -> dict[str, Any] | None:
     proposal = proposal_of(result)
     if proposal is None:
         return None
+    message = result.message
+    finish = message.response_metadata.get("finish_reason") if message is not None else None
     return {
         "object": "moa.draft",
         "choices": [],
@@ -461,7 +463,21 @@ def draft_event(result: CallResult) -> dict[str, Any] | None:
         "answer": proposal.answer,
         "failure": proposal.error,
         "dropped": proposal.dropped,
+        "finish_reason": finish,  # "length": cut at its token cap; None when it failed
     }
+
+
+def served_shape(moa: Any) -> dict[str, Any] | None:
+    """A served MoA's shape for ``/v1/models``: the inspector draws a placeholder per
+    proposer and layer before the first draft arrives (None for a runnable that is no
+    `ChatMoA`)."""
+    from langchain_moa.chat_model import ChatMoA
+    from langchain_moa.models import model_label
+
+    if not isinstance(moa, ChatMoA):
+        return None
+    return {"layers": moa.layers, "proposers": [model_label(p) for p in moa.proposers],
+            "aggregator": model_label(moa.aggregator)}  # fmt: skip
 
 
 # --------------------------------------------------------------------- handlers
@@ -477,11 +493,14 @@ class ChatCompletions:
     def list_models(self) -> dict[str, Any]:
         return {
             "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": 0, "owned_by": "langchain-moa"}
-                for name in self.models
-            ],
+            "data": [self._card(name, moa) for name, moa in self.models.items()],
         }
+
+    @staticmethod
+    def _card(name: str, moa: Any) -> dict[str, Any]:
+        card = {"id": name, "object": "model", "created": 0, "owned_by": "langchain-moa"}
+        shape = served_shape(moa)
+        return {**card, "moa": shape} if shape else card
 
     def model(self, model_id: str) -> dict[str, Any]:
         if model_id not in self.models:

@@ -443,16 +443,61 @@ def test_a_public_host_without_a_key_is_refused(tmp_path: Path) -> None:
 # -------------------------------------------------------------------- inspector
 
 
-def run_in_browser(browser: str, url: str, expression: str, profile: Path) -> Any:
-    """Open `url` in headless Chromium and poll `expression` over the DevTools protocol
-    until it returns something truthy (60 s at most)."""
+class DevTools:
+    """One page of a headless Chromium, driven over the DevTools protocol."""
+
+    def __init__(self, socket: Any) -> None:
+        self.socket = socket
+        self.ids = iter(range(1, 1_000_000))
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        ident = next(self.ids)
+        self.socket.send(json.dumps({"id": ident, "method": method, "params": params}))
+        while (reply := json.loads(self.socket.recv())).get("id") != ident:
+            pass  # an event
+        assert "error" not in reply, reply["error"]
+        return reply["result"]
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60) -> Any:
+        """Poll `expression` until it is truthy; its last value when `timeout` runs out."""
+        deadline = time.monotonic() + timeout
+        while not (value := self.evaluate(expression)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return value
+
+    def open(self, url: str, before_load: str = "") -> None:
+        if before_load:  # runs in the page before its own script
+            self.call("Page.enable")
+            self.call("Page.addScriptToEvaluateOnNewDocument", source=before_load)
+        self.call("Page.navigate", url=url)
+
+    def screenshot(self, path: Path, width: int = 1280) -> None:
+        """The whole page as a PNG `width` CSS pixels wide."""
+        height = self.evaluate("document.documentElement.scrollHeight")
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                  deviceScaleFactor=1, mobile=False)  # fmt: skip
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot")["data"]))
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[DevTools]:
+    """A headless Chromium (no network of its own: it only reaches the local server)."""
     from websockets.sync.client import connect
 
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.skip("no chromium here: apt-get install chromium")
     port = free_port()
     process = subprocess.Popen(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         f"--remote-debugging-port={port}", "--remote-allow-origins=*",
-         f"--user-data-dir={profile}", url],
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--disable-background-networking", "--disable-extensions", "--no-first-run",
+         "--window-size=1280,900", f"--remote-debugging-port={port}",
+         "--remote-allow-origins=*", f"--user-data-dir={tmp_path / 'profile'}", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -466,16 +511,7 @@ def run_in_browser(browser: str, url: str, expression: str, profile: Path) -> An
                 assert time.monotonic() < deadline, "chromium never opened its DevTools port"
                 time.sleep(0.2)
         with connect(page["webSocketDebuggerUrl"], max_size=None) as socket:
-            for ident in range(1, 10_000):
-                socket.send(json.dumps({"id": ident, "method": "Runtime.evaluate",
-                                        "params": {"expression": expression,
-                                                   "returnByValue": True}}))  # fmt: skip
-                while (reply := json.loads(socket.recv()))["id"] != ident:
-                    pass
-                value = reply["result"]["result"].get("value")
-                if value or time.monotonic() > deadline:
-                    return value
-                time.sleep(0.25)
+            yield DevTools(socket)
     finally:
         process.kill()
         process.wait(timeout=30)
@@ -492,17 +528,198 @@ PAGE_STATE = """(() => {
 })()"""
 
 
-def test_inspector_page_in_a_real_browser(served: str, tmp_path: Path) -> None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("no chromium here: apt-get install chromium")
-    state = run_in_browser(browser, f"{served}/?q=Why%20is%20the%20sky%20blue", PAGE_STATE,
-                           tmp_path / "profile")  # fmt: skip
+def test_inspector_page_in_a_real_browser(served: str, browser: DevTools) -> None:
+    browser.open(f"{served}/?q=Why%20is%20the%20sky%20blue")
+    state = browser.wait_for(PAGE_STATE)
     assert state, "the page never finished its answer"
     assert state["question"] == "Why is the sky blue"
     assert state["models"] == ["alpha", "tools", "broken", "slow", "flaky"]
     assert state["layers"] == 1 and len(state["drafts"]) == 2
-    first, second = sorted(state["drafts"])
+    first, second = state["drafts"]  # in proposer order
     assert first.startswith("proposer 1 · p1 · ") and "tokens" in first and "draft one" in first
     assert second.startswith("proposer 2 · p2 · ") and "draft two" in second
     assert state["answer"] == "the served answer"
+
+
+# Drafts a model could write: Markdown, and HTML that must be shown, never run.
+INJECTION = (
+    "Try <img src=x onerror=\"window.pwned.push('img')\"> and "
+    "<script>window.pwned.push('script')</script> and "
+    "[a trap](javascript:window.pwned.push('link')) but [the docs](https://example.com/a_b)."
+)
+SLOW_DRAFT = (
+    "## Rayleigh scattering\n\nShort wavelengths scatter **much** more, roughly as "
+    "*1/λ⁴*:\n\n1. blue light scatters most\n2. violet is absorbed high up\n   - and "
+    "our eyes see less of it\n\n```python\nprint('<b>not bold</b>')\n```"
+)
+FAST_DRAFT = "**Short answer:** `scattering` makes it blue.\n\n- sunlight\n- air\n\n" + INJECTION
+LONG_DRAFT = "The sky looks blue because air molecules scatter sunlight in every direction"
+ANSWER = "### The answer\n\nThe sky is blue because of **Rayleigh scattering**.\n\n" + INJECTION
+
+
+@pytest.fixture(scope="module")
+def inspected(tmp_path_factory) -> Iterator[str]:
+    """A served MoA for the inspector: 2 proposer layers of 3 proposers, proposer 1 slow,
+    proposer 3 capped at 6 tokens; Markdown and HTML injections in the drafts and answer."""
+    scripts = {
+        "slowmd": ModelScript(reply=SLOW_DRAFT, latency=0.8),
+        "fastmd": ModelScript(reply=FAST_DRAFT, latency=0.05),
+        "capped": ModelScript(reply=LONG_DRAFT, latency=0.05),
+        "aggmd": ModelScript(reply=ANSWER, token_delay=0.002),
+    }
+    with ScriptedOpenAIServer(scripts=scripts) as upstream:
+        cfg = tmp_path_factory.mktemp("inspect") / "inspect.toml"
+        proposers = "".join("[[proposers]]\n" + entry(upstream, p) for p in scripts if p != "aggmd")
+        cfg.write_text(  # the last proposer (capped) gets max_tokens
+            f'name = "inspect"\nlayers = 3\n{proposers}max_tokens = 6\n'
+            f"[aggregator]\n{entry(upstream, 'aggmd')}"
+        )
+        base, process = start_moa_serve(cfg, env={"SCRIPTED_KEY": UPSTREAM_KEY})
+        yield base.removesuffix("/moa")
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+        assert "Traceback" not in err, err
+
+
+def test_models_carry_the_shape_of_each_moa(inspected: str) -> None:
+    (card,) = httpx.get(f"{inspected}/v1/models", timeout=10).json()["data"]
+    assert card["id"] == "inspect"
+    assert card["moa"] == {"layers": 3, "proposers": ["slowmd", "fastmd", "capped"],
+                           "aggregator": "aggmd"}  # fmt: skip
+
+
+def test_draft_events_say_which_draft_hit_its_token_cap(inspected: str) -> None:
+    body = {"model": "inspect", "messages": [{"role": "user", "content": "why blue?"}],
+            "stream": True, "moa": {"drafts": True}}  # fmt: skip
+    with httpx.stream("POST", f"{inspected}/v1/chat/completions", json=body, timeout=30) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]  # fmt: skip
+    finish = {(e["layer"], e["proposer"]): e["finish_reason"] for e in events
+              if e.get("object") == "moa.draft"}  # fmt: skip
+    assert finish == {(layer, p): "length" if p == 3 else "stop"
+                      for layer in (1, 2) for p in (1, 2, 3)}  # fmt: skip
+
+
+# Before the page's own script runs: a trap for injected code, and a log of the draft cards'
+# states at every change of the page (to see the placeholders before the drafts).
+RECORDER = """
+window.pwned = [];
+window.cardLog = [];
+new MutationObserver(() => {
+  const state = (c) => c.classList.contains('pending') ? 'wait' : 'done';
+  const cards = [...document.querySelectorAll('.draft')].map(
+    c => `${c.dataset.layer}.${c.dataset.proposer}:${state(c)}`
+  ).join(' ');
+  if (cards && cards !== window.cardLog[window.cardLog.length - 1]) window.cardLog.push(cards);
+}).observe(document, {childList: true, subtree: true, attributes: true,
+                      attributeFilter: ['class']});
+"""
+
+MARKDOWN_STATE = """(() => {
+  const answer = document.querySelector('.answer');
+  if (!answer || !answer.classList.contains('done')) return null;
+  const turn = document.querySelector('.turn');
+  const tags = (root, sel) => [...root.querySelectorAll(sel)].map(n => n.tagName.toLowerCase());
+  const card = (d) => ({
+    layer: d.dataset.layer, proposer: d.dataset.proposer, classes: [...d.classList],
+    who: d.querySelector('.who').innerText, text: d.querySelector('.text').innerText,
+    tags: tags(d.querySelector('.text'), '*'),
+    links: [...d.querySelectorAll('.text a')].map(a => [a.innerText, a.getAttribute('href')]),
+  });
+  return {
+    drafts: [...document.querySelectorAll('.draft')].map(card),
+    answer: {who: document.querySelector('.answer-box .who').innerText, text: answer.innerText,
+             tags: tags(answer, '*')},
+    usage: document.querySelector('.turn .usage').innerText,
+    injected: tags(turn, 'img, script, iframe, object, embed, [onerror], [onload]'),
+    scriptLinks: [...turn.querySelectorAll('a')].filter(a => !/^https?:/.test(a.href)).length,
+    pwned: window.pwned,
+    cardLog: window.cardLog,
+  };
+})()"""
+
+
+def test_inspector_renders_markdown_safely_in_proposer_order(
+    inspected: str, browser: DevTools, tmp_path: Path
+) -> None:
+    browser.open(f"{inspected}/?model=inspect&q=Why%20is%20the%20sky%20blue", RECORDER)
+    state = browser.wait_for(MARKDOWN_STATE)
+    assert state, "the page never finished its answer"
+
+    # nothing a model wrote ran or became an element; it is shown as text
+    assert state["pwned"] == [] and state["injected"] == [] and state["scriptLinks"] == 0
+    fast = state["drafts"][1]
+    assert "<img src=x onerror=" in fast["text"] and "<script>window.pwned" in fast["text"]
+    assert "[a trap](javascript:" in fast["text"]
+    assert ["the docs", "https://example.com/a_b"] in fast["links"]
+    assert "<script>" in state["answer"]["text"]
+
+    # Markdown became elements
+    assert ["p", "strong", "code", "ul", "li"] <= fast["tags"]
+    slow = state["drafts"][0]
+    for tag in ("h2", "strong", "em", "ol", "li", "ul", "pre", "code"):
+        assert tag in slow["tags"], tag
+    assert "print('<b>not bold</b>')" in slow["text"] and "b" not in slow["tags"]
+    assert "**" not in slow["text"] and "##" not in slow["text"]
+    assert ["h3", "p", "strong"] <= state["answer"]["tags"]
+
+    # proposer order in each layer, though proposer 1 answered last
+    assert [(d["layer"], d["proposer"]) for d in state["drafts"]] == [
+        (layer, p) for layer in "12" for p in "123"
+    ]
+    assert [d["who"].split(" · ")[:2] for d in state["drafts"][:3]] == [
+        ["proposer 1", "slowmd"], ["proposer 2", "fastmd"], ["proposer 3", "capped"]
+    ]  # fmt: skip
+    # placeholders for every proposer of both layers before any draft, and proposer 1's
+    # still waiting when the others had come
+    log = state["cardLog"]
+    assert log[0] == "1.1:wait 1.2:wait 1.3:wait 2.1:wait 2.2:wait 2.3:wait", log
+    assert "1.1:wait 1.2:done 1.3:done 2.1:wait 2.2:wait 2.3:wait" in log, log
+    assert all("wait" not in d["who"] and "pending" not in d["classes"] for d in state["drafts"])
+
+    # the capped draft is marked; the others not
+    capped = [d for d in state["drafts"] if "capped" in d["classes"]]
+    assert [d["proposer"] for d in capped] == ["3", "3"]
+    assert all("cut at its token cap" in d["who"] for d in capped)
+    assert sum("token cap" in d["who"] for d in state["drafts"]) == 2
+
+    # the answer is labelled: aggregator model, latency, tokens; usage of every call
+    who = state["answer"]["who"].split(" · ")
+    assert who[:2] == ["aggregator", "aggmd"], who
+    assert who[2].endswith(" s") and float(who[2][:-2]) > 0
+    assert who[3].endswith(" tokens") and int(who[3].split()[0]) > 0
+    total = int(state["usage"].split()[0])
+    assert total > int(who[3].split()[0]) and state["usage"].endswith("tokens over every call")
+
+    shot = Path(os.environ.get("MOA_INSPECTOR_SCREENSHOT") or tmp_path / "inspector.png")
+    browser.screenshot(shot)  # MOA_INSPECTOR_SCREENSHOT=docs/images/inspector.png keeps it
+    assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and shot.stat().st_size > 10_000
+
+
+# The page's Markdown renderer on its own: model text in, the elements it builds out.
+MARKDOWN_CASES = {
+    "[a](JAVASCRIPT:alert(1)) [b](data:text/html,x) [c](/relative) [d](HTTPS://example.com)":
+        '<p>[a](JAVASCRIPT:alert(1)) [b](data:text/html,x) [c](/relative) <a href="https://'
+        'example.com/" rel="noopener noreferrer nofollow" target="_blank">d</a></p>',
+    "<svg onload=alert(1)> &amp; <!-- x -->":
+        "<p>&lt;svg onload=alert(1)&gt; &amp;amp; &lt;!-- x --&gt;</p>",
+    "```js\n<script>x()</script>":  # unclosed, as while streaming
+        '<pre><code data-lang="js">&lt;script&gt;x()&lt;/script&gt;</code></pre>',
+    "snake_case_name, _it_ and *a **b** c* and \\*not\\*":
+        "<p>snake_case_name, <em>it</em> and <em>a <strong>b</strong> c</em> and *not*</p>",
+    "`a <b> **c**`": "<p><code>a &lt;b&gt; **c**</code></p>",
+    "# T\n\n> quote **b**\n\n---": "<h1>T</h1><blockquote><p>quote <strong>b</strong></p>"
+                                   "</blockquote><hr>",
+    "3. three\n4. four\n   - nested": '<ol start="3"><li>three</li><li>four<ul><li>nested</li>'
+                                      "</ul></li></ol>",
+}  # fmt: skip
+
+
+def test_inspector_markdown_renderer(served: str, browser: DevTools) -> None:
+    browser.open(f"{served}/")
+    assert browser.wait_for("document.querySelectorAll('#model option').length")
+    rendered = browser.evaluate(
+        "(cases => cases.map(text => { const box = document.createElement('div');"
+        f" markdown(text, box); return box.innerHTML; }}))({json.dumps(list(MARKDOWN_CASES))})"
+    )
+    assert dict(zip(MARKDOWN_CASES, rendered, strict=True)) == MARKDOWN_CASES
