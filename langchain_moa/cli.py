@@ -727,8 +727,46 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser: an unknown flag is reported by the subcommand that got it.
+
+    argparse hands a subcommand's unknown arguments back to the top-level parser, which
+    would print ``usage: moa [-h] ... COMMAND`` for ``moa chat --temprature 0.2``. Here the
+    subcommand's own parser reports them (its usage, exit 2), with the closest of its own
+    options suggested (``did you mean '--temperature'?``).
+    """
+
+    commands: Any = None
+    """The subparsers action (set by `build_parser`)."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = _subcommand_parser(self, getattr(parsed, "command", None)) or self
+            command.error(_unrecognized(command, extras))
+        return parsed
+
+
+def _subcommand_parser(parser: _Parser, name: str | None) -> Any:
+    return parser.commands.choices.get(name) if parser.commands is not None else None
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """'unrecognized arguments: ...', with a suggestion for the first misspelt flag."""
+    import difflib
+
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    known = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    for extra in extras:
+        if extra.startswith("--"):
+            close = difflib.get_close_matches(extra.split("=", 1)[0], known, n=1, cutoff=0.75)
+            if close:
+                return f"{message}; did you mean {close[0]!r}?"
+    return message
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moa", description="Mixture-of-Agents for LangChain: chat, data, serving."
     )
     parser.add_argument(
@@ -736,6 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"moa {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub
     # `moa chat --debug` works like `moa --debug chat` (SUPPRESS: absent, the global stays),
     # and `moa chat --version` like `moa --version`: global flags work where people type them.
     add_parser = sub.add_parser

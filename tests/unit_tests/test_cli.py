@@ -89,6 +89,36 @@ def test_bad_arguments_exit_2_with_usage(argv, capsys) -> None:
     assert "usage: moa" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "usage", "suggestion"),
+    [
+        (["chat", "--temprature", "0.2", "hi"], "usage: moa chat ", "'--temperature'"),
+        (["serve", "--prot", "9"], "usage: moa serve ", "'--port'"),
+        (["generate", "in", "out", "--concurency", "2"], "usage: moa generate ", "'--concurrency'"),
+    ],
+)
+def test_a_misspelt_flag_names_the_subcommand_and_the_closest_option(
+    argv, usage, suggestion, capsys
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage) and "usage: moa [-h]" not in err
+    last = err.strip().splitlines()[-1]
+    flag = next(a for a in argv if a.startswith("--"))
+    assert last.startswith(f"moa {argv[0]}: error: unrecognized arguments: {flag}")
+    assert last.endswith(f"did you mean {suggestion}?")
+
+
+def test_an_unknown_flag_with_nothing_close_gets_no_suggestion(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["chat", "--zzzzzz", "hi"])
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "moa chat: error: unrecognized arguments: --zzzzzz"
+
+
 @pytest.mark.parametrize("command", [["chat"], ["serve"]])
 def test_a_layer_count_beyond_the_config_range_is_refused(command, capsys) -> None:
     with pytest.raises(SystemExit) as info:
