@@ -606,7 +606,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if api_key is not None:
         register_secrets([api_key])
-    models = served_models(args)
+    listener = _listen(args.host, args.port)  # before the models load (seconds for local)
+    try:
+        models = served_models(args)
+    except BaseException:
+        listener.close()
+        raise
     max_runs, why = args.max_runs, "--max-runs"
     if max_runs is None:
         max_runs, why = 16, "default"
@@ -633,14 +638,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level="warning",
+        access_log=False,  # the app's own access log (langchain_moa.access) has one line each
         # connections beyond this get 503 before reaching the app; idle keep-alive
         # connections close after 5 s (slow bodies: the app's --body-timeout)
         limit_concurrency=args.max_connections, timeout_keep_alive=5,
     )  # fmt: skip
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # configured by Config
         install_log_redaction(logging.getLogger(name))
-    uvicorn.Server(config).run()
+    logging.getLogger("langchain_moa.access").setLevel(logging.INFO)
+    uvicorn.Server(config).run(sockets=[listener])
     return EXIT_OK
+
+
+def _listen(host: str, port: int) -> Any:
+    """The server's listening socket, bound now: a port in use or a host this machine does
+    not have is a one-line user error (exit 2) before any model loads."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        why = exc.strerror or str(exc)
+        raise ConfigError(
+            f"cannot serve on {host}:{port}: {why}; pass a free --port, or a --host this "
+            "machine has"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 # ----------------------------------------------------------------------- parser
@@ -664,6 +693,10 @@ def _positive(value: str) -> int:
 
 def _non_negative(value: str) -> int:
     return _integer(value, 0)
+
+
+def _port(value: str) -> int:
+    return _integer(value, 1, 65535, "a TCP port from 1 to 65535")
 
 
 def _layers(value: str) -> int:
@@ -863,7 +896,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the aggregators' temperature when a request sets none (default: each recipe's)",
     )  # fmt: skip
     serve.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--port", type=_port, default=8000, metavar="N",
+                       help="TCP port, 1 to 65535; checked free before the models load "
+                       "(default: 8000)")  # fmt: skip
     serve.add_argument(
         "--allow-public", action="store_true",
         help="serve a non-loopback host without MOA_SERVE_API_KEY, so anyone may use it "
