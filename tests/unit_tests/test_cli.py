@@ -382,6 +382,28 @@ def test_quorum_failure_is_a_one_line_runtime_error(monkeypatch, capsys) -> None
     )
 
 
+@pytest.mark.parametrize(
+    ("base_url", "shown"),
+    [
+        ("http://127.0.0.1:9/v1", "http://127.0.0.1:9"),
+        ("http://user:pw-cli-secret@127.0.0.1:9/v1?api-key=q-cli-secret", "http://127.0.0.1:9"),
+        ("http://[::1]:9/v1", "http://[::1]:9"),
+    ],
+)
+def test_an_unreachable_endpoint_is_named_without_userinfo_or_query(
+    base_url, shown, monkeypatch, capsys
+) -> None:
+    unreachable = ChatOpenAI(model="m", base_url=base_url, api_key="sk-unused", max_retries=0)
+    moa = ChatMoA(proposers=[unreachable], aggregator=unreachable, layers=2)
+    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    assert cli.main(["chat", "q"]) == cli.EXIT_RUNTIME_ERROR
+    line = one_error_line(capsys.readouterr())
+    assert line.endswith(
+        f"proposer 1 (m): OpenAIConnectionError: Connection error. (could not reach {shown})"
+    )
+    assert "cli-secret" not in line and "user" not in line and "/v1" not in line
+
+
 def test_provider_errors_never_print_keys(monkeypatch, capsys) -> None:
     secret = "0123456789abcdef0123456789abcdef"  # no recognisable prefix
     monkeypatch.setenv("SOME_PROVIDER_API_KEY", secret)
