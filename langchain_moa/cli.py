@@ -130,6 +130,50 @@ class _Spinner:
         self.stop()
 
 
+class _OpenLine:
+    """Whether the streamed answer's last line on stdout is still open (no newline yet).
+
+    A log record printed then would land in the middle of the answer's line when stdout
+    and stderr are the same screen (a terminal, or ``2>&1``): `_LogHandler` ends the line
+    on stderr first. Stdout itself never gets the extra newline (the answer stays as is).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.open = False
+
+    def wrote(self, text: str) -> None:
+        with self.lock:
+            self.open = not text.endswith("\n")
+
+
+stdout_line = _OpenLine()
+
+
+def _same_destination(a: Any, b: Any) -> bool:
+    """True when two streams write to the same file, pipe or terminal."""
+    try:
+        x, y = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
+
+
+class _LogHandler(logging.StreamHandler):
+    """Log lines on stderr, each on its own line even in the middle of a streamed answer."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with stdout_line.lock:
+            if stdout_line.open and _same_destination(sys.stdout, self.stream):
+                try:
+                    sys.stdout.flush()  # the answer so far, then the line break after it
+                    self.stream.write("\n")
+                except (OSError, ValueError):  # pragma: no cover - a closed stream
+                    pass
+                stdout_line.open = False  # the answer goes on below the log line
+            super().emit(record)
+
+
 class _TurnView:
     """What one chat turn shows, in order: spinner, drafts, then the streamed answer.
 
@@ -209,8 +253,10 @@ class _TurnView:
 
     def write(self, text: str) -> None:
         if text:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            with stdout_line.lock:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                stdout_line.wrote(text)
 
     def close(self) -> None:
         """Stop the spinner; end a partly streamed answer's line (cancelled turns)."""
@@ -218,8 +264,10 @@ class _TurnView:
             self._spinner.stop()
             self.closed = True
             if self.answering and not self._json:
-                sys.stdout.write("\n")
-                sys.stdout.flush()
+                with stdout_line.lock:
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
+                    stdout_line.wrote("\n")
                 self.answering = False
 
 
@@ -950,7 +998,10 @@ def _fail(message: str, code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+        handlers=[_LogHandler()],
+    )  # fmt: skip
     install_log_redaction()
     if args.debug or getattr(args, "verbose", False):
         logging.getLogger("langchain_moa").setLevel(logging.DEBUG)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -259,6 +263,57 @@ def test_verbose_reports_usage_and_latencies(fake_moa, capsys) -> None:
 
 
 # ------------------------------------------------------------------ interactive
+
+
+CHATTY_RUN = textwrap.dedent(
+    """
+    import logging, sys
+    from langchain_moa import ChatMoA, cli
+    from langchain_moa.testing import ScriptedChatModel
+
+    class Chatty(ScriptedChatModel):
+        async def _astream(self, messages, stop=None, run_manager=None, **kwargs):
+            async for i, chunk in _enumerate(super()._astream(messages, stop, None, **kwargs)):
+                if i == 2:  # a debug record in the middle of the streamed answer
+                    logging.getLogger("langchain_moa.probe").debug("mid-answer note")
+                yield chunk
+
+    async def _enumerate(chunks):
+        i = 0
+        async for chunk in chunks:
+            yield i, chunk
+            i += 1
+
+    moa = ChatMoA(aggregator=Chatty(reply="one two three four five"), layers=1)
+    cli.build_chat_moa = lambda args: moa
+    sys.exit(cli.main(sys.argv[1:]))
+    """
+)
+
+
+def run_chatty(*argv: str, stderr: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(
+        [sys.executable, "-c", CHATTY_RUN, *argv],
+        stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=60, env=env,
+    )  # fmt: skip
+
+
+def test_verbose_log_lines_never_land_inside_the_streamed_answer() -> None:
+    # stdout and stderr on one pipe, as on a terminal or with 2>&1
+    done = run_chatty("chat", "--verbose", "q", stderr=subprocess.STDOUT)
+    assert done.returncode == 0, done.stdout
+    lines = done.stdout.splitlines()
+    assert "DEBUG langchain_moa.probe: mid-answer note" in lines, done.stdout
+    words = " ".join(line for line in lines if not line.startswith(("DEBUG", "usage:", "  ")))
+    assert words.split() == ["one", "two", "three", "four", "five"]
+
+
+def test_the_answer_on_its_own_stdout_is_unchanged_by_log_lines() -> None:
+    done = run_chatty("chat", "--verbose", "q", stderr=subprocess.PIPE)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "one two three four five\n"
+    assert "DEBUG langchain_moa.probe: mid-answer note" in done.stderr.splitlines()
 
 
 def test_interactive_chat_keeps_history(fake_moa, monkeypatch, capsys) -> None:
