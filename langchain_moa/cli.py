@@ -34,7 +34,7 @@ from typing import Any
 from rich.console import Console
 
 from langchain_moa.calls import CallError
-from langchain_moa.errors import ConfigError, MoAError
+from langchain_moa.errors import ConfigError, MoAError, install_command
 from langchain_moa.redaction import (
     install_log_redaction,
     one_line,
@@ -637,7 +637,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ImportError:
         raise ConfigError(
-            "serving needs the 'serve' extra: pip install 'langchain-moa[serve]'"
+            f"serving needs the 'serve' extra: {install_command('serve')}"
         ) from None
     api_key = os.environ.get(API_KEY_ENV) or None
     public = not _is_loopback(args.host)

@@ -14,7 +14,7 @@ import pytest
 from langchain_openai import ChatOpenAI
 from rich.console import Console
 
-from langchain_moa import ChatMoA, cli
+from langchain_moa import ChatMoA, cli, errors
 from langchain_moa.errors import ConfigError
 from langchain_moa.testing import ScriptedChatModel
 
@@ -268,7 +268,7 @@ def test_verbose_reports_usage_and_latencies(fake_moa, capsys) -> None:
 CHATTY_RUN = textwrap.dedent(
     """
     import logging, sys
-    from langchain_moa import ChatMoA, cli
+    from langchain_moa import ChatMoA, cli, errors
     from langchain_moa.testing import ScriptedChatModel
 
     class Chatty(ScriptedChatModel):
@@ -511,8 +511,44 @@ def test_serve_without_extra_says_what_to_install(monkeypatch, capsys) -> None:
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_langserve)
+    monkeypatch.setattr(errors, "_editable_source", lambda: None)  # installed from PyPI
     assert cli.main(["serve"]) == cli.EXIT_USER_ERROR
     assert "pip install 'langchain-moa[serve]'" in one_error_line(capsys.readouterr())
+
+
+class _Dist:
+    def __init__(self, direct_url: str | None) -> None:
+        self.direct_url = direct_url
+
+    def read_text(self, name: str) -> str | None:
+        return self.direct_url if name == "direct_url.json" else None
+
+
+@pytest.mark.parametrize(
+    ("direct_url", "cwd_is_checkout", "expected"),
+    [
+        (None, False, "pip install 'langchain-moa[serve]'"),  # a wheel from an index
+        ('{"url": "https://x/y.whl", "archive_info": {}}', False,
+         "pip install 'langchain-moa[serve]'"),
+        ('{"url": "file://CHECKOUT", "dir_info": {}}', True,
+         "pip install 'langchain-moa[serve]'"),  # installed from a directory, not editable
+        ('{"url": "file://CHECKOUT", "dir_info": {"editable": true}}', True,
+         'pip install -e ".[serve]"'),
+        ('{"url": "file://CHECKOUT", "dir_info": {"editable": true}}', False,
+         'pip install -e "CHECKOUT[serve]"'),
+    ],
+)  # fmt: skip
+def test_install_hints_match_how_the_package_was_installed(
+    direct_url, cwd_is_checkout, expected, tmp_path, monkeypatch
+) -> None:
+    import importlib.metadata
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    text = direct_url.replace("CHECKOUT", str(checkout)) if direct_url else None
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: _Dist(text))
+    monkeypatch.chdir(checkout if cwd_is_checkout else tmp_path)
+    assert errors.install_command("serve") == expected.replace("CHECKOUT", str(checkout))
 
 
 def test_recipes_lists_names_descriptions_and_models(capsys) -> None:
