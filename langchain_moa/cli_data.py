@@ -22,10 +22,10 @@ def _recipe(args: argparse.Namespace) -> Any:
 
 
 def _recipe_models(args: argparse.Namespace) -> dict[str, Any]:
-    recipe = _recipe(args)
-    kwargs = recipe.chat_moa_kwargs()
-    if args.layers is not None:
-        kwargs["layers"] = args.layers
+    """The recipe's models with the command's flags applied (the builder `moa chat` uses)."""
+    from langchain_moa.cli import moa_kwargs_for, model_source
+
+    recipe, kwargs = moa_kwargs_for(model_source(args), args)
     kwargs["all_local"] = all(e.provider == "local" for e in [*recipe.proposers, recipe.aggregator])
     kwargs["label"] = recipe.label
     return kwargs
@@ -177,10 +177,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def register(sub: Any, add_model_options: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add the data subcommands to the `moa` parser."""
+    from langchain_moa.cli import add_run_shape_options, add_sampling_options
+
     gen = sub.add_parser("generate", help="SFT data: the MoA answer for every prompt (TRL format)")
     gen.add_argument("input", help="JSONL file, or hf://datasets/OWNER/NAME/FILE.jsonl")
     gen.add_argument("output", help="JSONL file to append to (re-runs skip rows already there)")
     add_model_options(gen)
+    add_sampling_options(gen, system=False)
+    add_run_shape_options(gen)
     _add_run_options(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -188,6 +192,9 @@ def register(sub: Any, add_model_options: Callable[[argparse.ArgumentParser], No
     lab.add_argument("input", help="JSONL file, or hf://datasets/OWNER/NAME/FILE.jsonl")
     lab.add_argument("output", help="JSONL file to append to (re-runs skip rows already there)")
     add_model_options(lab)
+    # The judges' and aggregator's answers are verdicts: --max-tokens caps them, --seed
+    # seeds them; their temperatures stay the recipe's (a judge should not be creative).
+    add_sampling_options(lab, system=False, temperature=False)
     lab.add_argument(
         "--policy", metavar="MODEL",
         help="sample candidates from this model: 'local' or provider:model (default: none, "

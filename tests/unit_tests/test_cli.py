@@ -151,6 +151,77 @@ def test_build_chat_moa_applies_config_layers_and_max_tokens(tmp_path: Path, mon
     )
 
 
+@pytest.mark.parametrize("command", [["chat"], ["serve"], ["generate", "in.jsonl", "out.jsonl"]])
+def test_proposer_timeout_and_min_proposers_override_the_recipe(
+    command, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("CLI_TEST_KEY", "sk-cli-test-0123456789")
+    path = tmp_path / "moa.toml"
+    path.write_text(CONFIG)
+    config = ["--config", str(path)]
+    args = cli.build_parser().parse_args(
+        [*command, *config, "--proposer-timeout", "2.5", "--min-proposers", "2"]
+    )
+    recipe, kwargs = cli.moa_kwargs_for(str(path), args)
+    assert (recipe.proposer_timeout, recipe.min_proposers) == (None, 1)  # the file's
+    assert (kwargs["proposer_timeout"], kwargs["min_proposers"]) == (2.5, 2)
+    args = cli.build_parser().parse_args([*command, *config, "--proposer-timeout", "inf"])
+    assert cli.moa_kwargs_for(str(path), args)[1]["proposer_timeout"] is None  # no limit
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--proposer-timeout", "0", "must be a number of seconds from 0.1 to 86400, or inf"),
+        ("--proposer-timeout", "nan", "must be a number of seconds from 0.1 to 86400, or inf"),
+        ("--proposer-timeout", "1e9", "must be a number of seconds from 0.1 to 86400, or inf"),
+        ("--min-proposers", "0", "must be at least 1, got 0"),
+        ("--min-proposers", "65", "must be an integer from 1 to 64, got 65"),
+    ],
+)
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_run_shape_flags_take_the_config_files_ranges(command, flag, value, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, flag, value])
+    assert info.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_more_min_proposers_than_proposers_is_one_line(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setenv("CLI_TEST_KEY", "sk-cli-test-0123456789")
+    path = tmp_path / "moa.toml"
+    path.write_text(CONFIG)
+    assert cli.main(["chat", "--config", str(path), "--min-proposers", "3", "q"]) == 2
+    assert "min_proposers" in one_error_line(capsys.readouterr())
+
+
+def test_generate_applies_the_same_sampling_flags_as_chat(tmp_path: Path, monkeypatch) -> None:
+    from langchain_moa import cli_data
+
+    monkeypatch.setenv("CLI_TEST_KEY", "sk-cli-test-0123456789")
+    path = tmp_path / "moa.toml"
+    path.write_text(CONFIG)
+    flags = ["--config", str(path), "--max-tokens", "9", "--temperature", "0.1", "--seed", "7"]
+    gen = cli_data._recipe_models(cli.build_parser().parse_args(["generate", "i", "o", *flags]))
+    assert gen["temperature"] == 0.1  # the aggregator's, as in chat
+    assert [m.seed for m in gen["proposers"]] == [7, 8] and gen["aggregator"].seed == 7
+    assert {m.max_tokens for m in [*gen["proposers"], gen["aggregator"]]} == {9}
+    chat = cli.build_chat_moa(cli.build_parser().parse_args(["chat", *flags, "q"]))
+    assert chat.temperature == 0.1 and [m.seed for m in chat.proposers] == [7, 8]
+    label = cli.build_parser().parse_args(["label", "i", "o", "--config", str(path),
+                                           "--max-tokens", "9", "--seed", "7"])  # fmt: skip
+    judges = cli_data._recipe_models(label)
+    assert [m.seed for m in judges["proposers"]] == [7, 8]
+    assert {m.max_tokens for m in [*judges["proposers"], judges["aggregator"]]} == {9}
+
+
+def test_a_seed_outside_64_bits_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "i", "o", "--seed", str(2**63)])
+    assert info.value.code == 2
+    assert "argument --seed: must be a 64-bit integer" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- answers
 
 
@@ -645,6 +716,8 @@ def test_help_states_the_local_recipes_real_defaults() -> None:
     )
     assert f"local: {local.aggregator.temperature}" in helps["temperature"]
     assert f"local: {local.layers}" in helps["layers"]
+    assert f"local: {local.min_proposers})" in helps["min_proposers"]
+    assert f"local: {local.proposer_timeout:g})" in helps["proposer_timeout"]
 
 
 @pytest.mark.parametrize("command", ["chat", "pull", "recipes", "serve", "generate", "label"])
