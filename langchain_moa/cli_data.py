@@ -93,8 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kwargs.pop("all_local")
     kwargs.pop("label", None)
     moa = ChatMoA(**kwargs)
-    summary = asyncio.run(agenerate(args.input, args.output, moa, **options))
-    return _report(summary, args.output)
+    return _run_and_report(agenerate(args.input, args.output, moa, **options), args.output)
 
 
 def cmd_label(args: argparse.Namespace) -> int:
@@ -123,10 +122,34 @@ def cmd_label(args: argparse.Namespace) -> int:
     )
     policy = build_policy(args.policy) if args.policy else None
     samples = args.samples or defaults.samples
-    summary = asyncio.run(
-        alabel(args.input, args.output, judge, policy=policy, samples=samples, **options)
-    )
-    return _report(summary, args.output)
+    run = alabel(args.input, args.output, judge, policy=policy, samples=samples, **options)
+    return _run_and_report(run, args.output)
+
+
+EXIT_INTERRUPTED = 130
+
+
+def _run_and_report(run: Any, output: str) -> int:
+    """Run a pipeline; on Ctrl-C, report what was written so far and exit 130.
+
+    asyncio.run turns Ctrl-C into a cancellation of the run, which closes its calls and
+    leaves OUT with whole rows only; the pipeline then raises `RunInterrupted` with its
+    summary, caught here inside the same task.
+    """
+    from langchain_moa.pipelines import RunInterrupted
+
+    async def guarded() -> tuple[Any, bool]:
+        try:
+            return await run, False
+        except RunInterrupted as exc:
+            return exc.summary, True
+
+    summary, interrupted = asyncio.run(guarded())
+    code = _report(summary, output)
+    if interrupted:
+        err.print("moa: interrupted; run the same command again to finish", markup=False)
+        return EXIT_INTERRUPTED
+    return code
 
 
 def check_label_flags(args: argparse.Namespace, defaults: Any) -> None:
