@@ -58,7 +58,7 @@ from langgraph.errors import GraphBubbleUp
 from pydantic import BaseModel
 
 from langchain_moa._compat import configure_hooks, var_child_runnable_config
-from langchain_moa.models import model_label
+from langchain_moa.models import model_endpoint, model_label
 from langchain_moa.redaction import (
     answer_secrets,
     keep_library_log_redaction,
@@ -196,8 +196,15 @@ class CallError(RuntimeError):
         )
 
     @classmethod
-    def from_exception(cls, exc: BaseException, role: str, model: str) -> CallError:
-        """The one-line, redacted `CallError` for a provider's exception."""
+    def from_exception(
+        cls, exc: BaseException, role: str, model: str, *, client: Any = None
+    ) -> CallError:
+        """The one-line, redacted `CallError` for a provider's exception.
+
+        `client` is the chat model that was called: when the server could not be reached,
+        the reason names its origin (``(could not reach http://127.0.0.1:9)``; never the
+        userinfo, path or query), which the provider's "Connection error." leaves out.
+        """
         if isinstance(exc, CallError):  # a nested MoA failed: keep its own account
             reason, error_type = str(exc), exc.error_type
         elif isinstance(exc, IndexError):  # langchain-core indexing an empty generation list
@@ -207,6 +214,9 @@ class CallError(RuntimeError):
             text = one_line(str(exc), limit=700, whole=True)  # complete, on one line
             error_type = type(exc).__name__
             reason = f"{error_type}: {text}" if text else error_type
+            endpoint = model_endpoint(client) if _is_connection_error(exc) else None
+            if endpoint:
+                reason = f"{reason} (could not reach {endpoint})"
         return cls(
             one_line(f"{role} ({model}): {reason}", limit=800),
             role=role,
@@ -447,6 +457,13 @@ def check_timeout(value: Any, name: str) -> float | None:
 
 
 _CLIENT_TIMEOUT_NAMES = frozenset({"APITimeoutError", "TimeoutException"})
+_CONNECTION_ERROR_NAMES = frozenset({"APIConnectionError", "ConnectError", "ConnectionError"})
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """The server was not reached (refused, no route, DNS): not a timeout, not an HTTP error."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & _CONNECTION_ERROR_NAMES) and not _is_client_timeout(exc)
 
 
 def _is_client_timeout(exc: BaseException) -> bool:
@@ -465,7 +482,7 @@ def _error(call: ModelCall, exc: BaseException) -> CallError:
         # the client giving up first is the same event as the budget running out: one
         # account of it, whichever timer fired first.
         return CallError.timeout(call.role, call.model_name, call.timeout)
-    return CallError.from_exception(exc, call.role, call.model_name)
+    return CallError.from_exception(exc, call.role, call.model_name, client=call.model)
 
 
 # --------------------------------------------------------------------- sync path
@@ -939,7 +956,9 @@ class _Scrubber:
             return error
         if self.call is None:
             return CallError.from_exception(error, "model", type(error).__name__)
-        return CallError.from_exception(error, self.call.role, self.call.model_name)
+        return CallError.from_exception(
+            error, self.call.role, self.call.model_name, client=self.call.model
+        )
 
     def answer(self, value: Any) -> Any:
         return mask_message(value, self.secrets)

@@ -34,7 +34,7 @@ from typing import Any
 from rich.console import Console
 
 from langchain_moa.calls import CallError
-from langchain_moa.errors import ConfigError, MoAError
+from langchain_moa.errors import ConfigError, MoAError, install_command
 from langchain_moa.redaction import (
     install_log_redaction,
     one_line,
@@ -61,17 +61,50 @@ def build_chat_moa(args: argparse.Namespace) -> Any:
 def chat_moa_for(source: str, args: argparse.Namespace) -> tuple[str, Any]:
     """(name, ChatMoA) for one recipe name or config path, with the command's overrides."""
     from langchain_moa.chat_model import ChatMoA
+
+    recipe, kwargs = moa_kwargs_for(source, args)
+    return recipe.name, ChatMoA(**kwargs)
+
+
+def moa_kwargs_for(source: str, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """(recipe, ChatMoA keyword arguments) with every override the command has.
+
+    The one place the flags meet the recipe (`chat`, `serve`, `generate`, `label`):
+    ``--max-tokens`` caps every model, ``--seed S`` seeds proposer i with S + i - 1 and the
+    aggregator with S, ``--layers``, ``--proposer-timeout``, ``--min-proposers`` replace the
+    recipe's, ``--temperature`` is the aggregator's (proposers keep theirs).
+    """
     from langchain_moa.recipes import load_recipe
 
     recipe = load_recipe(source)
     if getattr(args, "max_tokens", None) is not None:
         recipe = recipe.with_max_tokens(args.max_tokens)
+    if getattr(args, "seed", None) is not None:
+        recipe = _with_seed(recipe, args.seed)
     kwargs = recipe.chat_moa_kwargs()
-    if getattr(args, "layers", None) is not None:
-        kwargs["layers"] = args.layers
-    if getattr(args, "temperature", None) is not None:
-        kwargs["temperature"] = args.temperature  # the aggregator's; proposers keep theirs
-    return recipe.name, ChatMoA(**kwargs)
+    for flag in ("layers", "proposer_timeout", "min_proposers", "temperature"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            kwargs[flag] = None if value == float("inf") else value
+    return recipe, kwargs
+
+
+def _with_seed(recipe: Any, seed: int) -> Any:
+    """Proposer i (from 1) gets seed + i - 1 (distinct drafts), the aggregator seed."""
+    from langchain_moa.recipes import SEED_RANGE
+
+    low, high = SEED_RANGE
+
+    def nth(i: int) -> int:  # wraps inside the 64-bit range
+        return (seed + i - low) % (high - low + 1) + low
+
+    return recipe.model_copy(
+        update={
+            "proposers": [e.model_copy(update={"seed": nth(i)}) for i, e in
+                          enumerate(recipe.proposers)],
+            "aggregator": recipe.aggregator.model_copy(update={"seed": seed}),
+        }
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------ output
@@ -128,6 +161,50 @@ class _Spinner:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _OpenLine:
+    """Whether the streamed answer's last line on stdout is still open (no newline yet).
+
+    A log record printed then would land in the middle of the answer's line when stdout
+    and stderr are the same screen (a terminal, or ``2>&1``): `_LogHandler` ends the line
+    on stderr first. Stdout itself never gets the extra newline (the answer stays as is).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.open = False
+
+    def wrote(self, text: str) -> None:
+        with self.lock:
+            self.open = not text.endswith("\n")
+
+
+stdout_line = _OpenLine()
+
+
+def _same_destination(a: Any, b: Any) -> bool:
+    """True when two streams write to the same file, pipe or terminal."""
+    try:
+        x, y = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
+
+
+class _LogHandler(logging.StreamHandler):
+    """Log lines on stderr, each on its own line even in the middle of a streamed answer."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with stdout_line.lock:
+            if stdout_line.open and _same_destination(sys.stdout, self.stream):
+                try:
+                    sys.stdout.flush()  # the answer so far, then the line break after it
+                    self.stream.write("\n")
+                except (OSError, ValueError):  # pragma: no cover - a closed stream
+                    pass
+                stdout_line.open = False  # the answer goes on below the log line
+            super().emit(record)
 
 
 class _TurnView:
@@ -209,8 +286,10 @@ class _TurnView:
 
     def write(self, text: str) -> None:
         if text:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            with stdout_line.lock:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                stdout_line.wrote(text)
 
     def close(self) -> None:
         """Stop the spinner; end a partly streamed answer's line (cancelled turns)."""
@@ -218,8 +297,10 @@ class _TurnView:
             self._spinner.stop()
             self.closed = True
             if self.answering and not self._json:
-                sys.stdout.write("\n")
-                sys.stdout.flush()
+                with stdout_line.lock:
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
+                    stdout_line.wrote("\n")
                 self.answering = False
 
 
@@ -589,7 +670,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ImportError:
         raise ConfigError(
-            "serving needs the 'serve' extra: pip install 'langchain-moa[serve]'"
+            f"serving needs the 'serve' extra: {install_command('serve')}"
         ) from None
     api_key = os.environ.get(API_KEY_ENV) or None
     public = not _is_loopback(args.host)
@@ -606,7 +687,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if api_key is not None:
         register_secrets([api_key])
-    models = served_models(args)
+    listener = _listen(args.host, args.port)  # before the models load (seconds for local)
+    try:
+        models = served_models(args)
+    except BaseException:
+        listener.close()
+        raise
     max_runs, why = args.max_runs, "--max-runs"
     if max_runs is None:
         max_runs, why = 16, "default"
@@ -633,14 +719,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level="warning",
+        access_log=False,  # the app's own access log (langchain_moa.access) has one line each
         # connections beyond this get 503 before reaching the app; idle keep-alive
         # connections close after 5 s (slow bodies: the app's --body-timeout)
         limit_concurrency=args.max_connections, timeout_keep_alive=5,
     )  # fmt: skip
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # configured by Config
         install_log_redaction(logging.getLogger(name))
-    uvicorn.Server(config).run()
+    logging.getLogger("langchain_moa.access").setLevel(logging.INFO)
+    uvicorn.Server(config).run(sockets=[listener])
     return EXIT_OK
+
+
+def _listen(host: str, port: int) -> Any:
+    """The server's listening socket, bound now: a port in use or a host this machine does
+    not have is a one-line user error (exit 2) before any model loads."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        why = exc.strerror or str(exc)
+        raise ConfigError(
+            f"cannot serve on {host}:{port}: {why}; pass a free --port, or a --host this "
+            "machine has"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 # ----------------------------------------------------------------------- parser
@@ -664,6 +774,79 @@ def _positive(value: str) -> int:
 
 def _non_negative(value: str) -> int:
     return _integer(value, 0)
+
+
+def _port(value: str) -> int:
+    return _integer(value, 1, 65535, "a TCP port from 1 to 65535")
+
+
+def _min_proposers(value: str) -> int:
+    from langchain_moa.recipes import MAX_PROPOSERS, RANGES
+
+    return _integer(value, 1, MAX_PROPOSERS, RANGES["min_proposers"])
+
+
+def _proposer_timeout(value: str) -> float:
+    """Seconds from MIN_TIMEOUT to MAX_TIMEOUT, or inf for no limit (as config files)."""
+    from langchain_moa.recipes import MAX_TIMEOUT, MIN_TIMEOUT, RANGES
+
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if number != float("inf") and not MIN_TIMEOUT <= number <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"must be {RANGES['proposer_timeout']}, got {value}")
+    return number
+
+
+def _seed(value: str) -> int:
+    from langchain_moa.recipes import RANGES, SEED_RANGE
+
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if not SEED_RANGE[0] <= number <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be {RANGES['seed']}, got {value}")
+    return number
+
+
+def add_run_shape_options(parser: argparse.ArgumentParser, *, each: str = "the recipe's") -> None:
+    """--proposer-timeout / --min-proposers (chat, serve, generate)."""
+    parser.add_argument(
+        "--proposer-timeout", type=_proposer_timeout, metavar="S",
+        help="seconds a proposer layer waits for its drafts; a draft not done by then is "
+        f"left out (0.1 to 86400, or inf for no limit; default: {each}; local: 120)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--min-proposers", type=_min_proposers, metavar="N",
+        help="drafts a layer needs to go on; fewer is an error (exit 1) instead of an answer "
+        f"from fewer drafts (1 to 64, at most the proposers; default: {each}; local: 1)",
+    )  # fmt: skip
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, *, system: bool = True,
+                         temperature: bool = True) -> None:  # fmt: skip
+    """--max-tokens / --temperature / --seed (/ --system), applied by `moa_kwargs_for`."""
+    parser.add_argument(
+        "--max-tokens", type=_positive, metavar="N",
+        help="cap every model's answer (drafts and the final answer) at N tokens (default: "
+        "the recipe's caps; local: 320 per draft, 512 for the answer)",
+    )  # fmt: skip
+    if temperature:
+        parser.add_argument(
+            "--temperature", type=_temperature, metavar="T",
+            help="the aggregator's sampling temperature, 0 to 2, for the final answer; "
+            "proposers keep theirs (default: the recipe's; local: 0.3)",
+        )  # fmt: skip
+    parser.add_argument(
+        "--seed", type=_seed, metavar="S",
+        help="sampling seed: proposer i gets S + i - 1 (distinct drafts), the aggregator S; "
+        "repeatable answers where the server honours seeds (default: the recipe's; local: "
+        "fixed per model)",
+    )  # fmt: skip
+    if system:
+        parser.add_argument("--system", metavar="TEXT", help="a system message (default: none)")
 
 
 def _layers(value: str) -> int:
@@ -727,8 +910,46 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser: an unknown flag is reported by the subcommand that got it.
+
+    argparse hands a subcommand's unknown arguments back to the top-level parser, which
+    would print ``usage: moa [-h] ... COMMAND`` for ``moa chat --temprature 0.2``. Here the
+    subcommand's own parser reports them (its usage, exit 2), with the closest of its own
+    options suggested (``did you mean '--temperature'?``).
+    """
+
+    commands: Any = None
+    """The subparsers action (set by `build_parser`)."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = _subcommand_parser(self, getattr(parsed, "command", None)) or self
+            command.error(_unrecognized(command, extras))
+        return parsed
+
+
+def _subcommand_parser(parser: _Parser, name: str | None) -> Any:
+    return parser.commands.choices.get(name) if parser.commands is not None else None
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """'unrecognized arguments: ...', with a suggestion for the first misspelt flag."""
+    import difflib
+
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    known = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    for extra in extras:
+        if extra.startswith("--"):
+            close = difflib.get_close_matches(extra.split("=", 1)[0], known, n=1, cutoff=0.75)
+            if close:
+                return f"{message}; did you mean {close[0]!r}?"
+    return message
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moa", description="Mixture-of-Agents for LangChain: chat, data, serving."
     )
     parser.add_argument(
@@ -736,6 +957,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"moa {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub
     # `moa chat --debug` works like `moa --debug chat` (SUPPRESS: absent, the global stays),
     # and `moa chat --version` like `moa --version`: global flags work where people type them.
     add_parser = sub.add_parser
@@ -762,17 +984,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("prompt", nargs="?", help="the question; omit for an interactive chat")
     add_model_options(chat)
-    chat.add_argument(
-        "--max-tokens", type=_positive, metavar="N",
-        help="cap every model's answer (drafts and the final answer) at N tokens (default: "
-        "the recipe's caps; local: 320 per draft, 512 for the answer)",
-    )  # fmt: skip
-    chat.add_argument(
-        "--temperature", type=_temperature, metavar="T",
-        help="the aggregator's sampling temperature; proposers keep theirs (default: the "
-        "recipe's; local: 0.3)",
-    )  # fmt: skip
-    chat.add_argument("--system", metavar="TEXT", help="a system message (default: none)")
+    add_sampling_options(chat)
+    add_run_shape_options(chat)
     chat.add_argument(
         "--show-proposals",
         action="store_true",
@@ -823,8 +1036,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature", type=_temperature, metavar="T",
         help="the aggregators' temperature when a request sets none (default: each recipe's)",
     )  # fmt: skip
+    add_run_shape_options(serve, each="each recipe's")
     serve.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--port", type=_port, default=8000, metavar="N",
+                       help="TCP port, 1 to 65535; checked free before the models load "
+                       "(default: 8000)")  # fmt: skip
     serve.add_argument(
         "--allow-public", action="store_true",
         help="serve a non-loopback host without MOA_SERVE_API_KEY, so anyone may use it "
@@ -876,7 +1092,10 @@ def _fail(message: str, code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+        handlers=[_LogHandler()],
+    )  # fmt: skip
     install_log_redaction()
     if args.debug or getattr(args, "verbose", False):
         logging.getLogger("langchain_moa").setLevel(logging.DEBUG)

@@ -22,10 +22,10 @@ def _recipe(args: argparse.Namespace) -> Any:
 
 
 def _recipe_models(args: argparse.Namespace) -> dict[str, Any]:
-    recipe = _recipe(args)
-    kwargs = recipe.chat_moa_kwargs()
-    if args.layers is not None:
-        kwargs["layers"] = args.layers
+    """The recipe's models with the command's flags applied (the builder `moa chat` uses)."""
+    from langchain_moa.cli import moa_kwargs_for, model_source
+
+    recipe, kwargs = moa_kwargs_for(model_source(args), args)
     kwargs["all_local"] = all(e.provider == "local" for e in [*recipe.proposers, recipe.aggregator])
     kwargs["label"] = recipe.label
     return kwargs
@@ -93,8 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kwargs.pop("all_local")
     kwargs.pop("label", None)
     moa = ChatMoA(**kwargs)
-    summary = asyncio.run(agenerate(args.input, args.output, moa, **options))
-    return _report(summary, args.output)
+    return _run_and_report(agenerate(args.input, args.output, moa, **options), args.output)
 
 
 def cmd_label(args: argparse.Namespace) -> int:
@@ -123,10 +122,34 @@ def cmd_label(args: argparse.Namespace) -> int:
     )
     policy = build_policy(args.policy) if args.policy else None
     samples = args.samples or defaults.samples
-    summary = asyncio.run(
-        alabel(args.input, args.output, judge, policy=policy, samples=samples, **options)
-    )
-    return _report(summary, args.output)
+    run = alabel(args.input, args.output, judge, policy=policy, samples=samples, **options)
+    return _run_and_report(run, args.output)
+
+
+EXIT_INTERRUPTED = 130
+
+
+def _run_and_report(run: Any, output: str) -> int:
+    """Run a pipeline; on Ctrl-C, report what was written so far and exit 130.
+
+    asyncio.run turns Ctrl-C into a cancellation of the run, which closes its calls and
+    leaves OUT with whole rows only; the pipeline then raises `RunInterrupted` with its
+    summary, caught here inside the same task.
+    """
+    from langchain_moa.pipelines import RunInterrupted
+
+    async def guarded() -> tuple[Any, bool]:
+        try:
+            return await run, False
+        except RunInterrupted as exc:
+            return exc.summary, True
+
+    summary, interrupted = asyncio.run(guarded())
+    code = _report(summary, output)
+    if interrupted:
+        err.print("moa: interrupted; run the same command again to finish", markup=False)
+        return EXIT_INTERRUPTED
+    return code
 
 
 def check_label_flags(args: argparse.Namespace, defaults: Any) -> None:
@@ -177,10 +200,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def register(sub: Any, add_model_options: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add the data subcommands to the `moa` parser."""
+    from langchain_moa.cli import add_run_shape_options, add_sampling_options
+
     gen = sub.add_parser("generate", help="SFT data: the MoA answer for every prompt (TRL format)")
     gen.add_argument("input", help="JSONL file, or hf://datasets/OWNER/NAME/FILE.jsonl")
     gen.add_argument("output", help="JSONL file to append to (re-runs skip rows already there)")
     add_model_options(gen)
+    add_sampling_options(gen, system=False)
+    add_run_shape_options(gen)
     _add_run_options(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -188,6 +215,9 @@ def register(sub: Any, add_model_options: Callable[[argparse.ArgumentParser], No
     lab.add_argument("input", help="JSONL file, or hf://datasets/OWNER/NAME/FILE.jsonl")
     lab.add_argument("output", help="JSONL file to append to (re-runs skip rows already there)")
     add_model_options(lab)
+    # The judges' and aggregator's answers are verdicts: --max-tokens caps them, --seed
+    # seeds them; their temperatures stay the recipe's (a judge should not be creative).
+    add_sampling_options(lab, system=False, temperature=False)
     lab.add_argument(
         "--policy", metavar="MODEL",
         help="sample candidates from this model: 'local' or provider:model (default: none, "

@@ -31,3 +31,36 @@ class ConfigError(ValueError):
     The message is one line naming what is wrong and how to fix it; the CLI prints it
     without a traceback.
     """
+
+
+def install_command(extra: str) -> str:
+    """The command that installs `extra` the way this copy of langchain-moa was installed.
+
+    From a source checkout (an editable install, ``pip install -e .``) that is
+    ``pip install -e ".[extra]"`` (the checkout's path when it is not the current
+    directory); from a package index, ``pip install 'langchain-moa[extra]'``.
+    """
+    source = _editable_source()
+    if source is None:
+        return f"pip install 'langchain-moa[{extra}]'"
+    import os
+
+    where = "." if os.path.realpath(source) == os.path.realpath(os.getcwd()) else source
+    return f'pip install -e "{where}[{extra}]"'
+
+
+def _editable_source() -> str | None:
+    """The checkout directory of an editable install (PEP 610 direct_url.json), or None."""
+    import json
+    from importlib.metadata import PackageNotFoundError, distribution
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        text = distribution("langchain-moa").read_text("direct_url.json")
+        info = json.loads(text) if text else {}
+    except (PackageNotFoundError, ValueError, OSError):
+        return None
+    if not isinstance(info, dict) or not (info.get("dir_info") or {}).get("editable"):
+        return None
+    url = urlsplit(str(info.get("url", "")))
+    return unquote(url.path) if url.scheme == "file" and url.path else None

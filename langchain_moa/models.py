@@ -51,3 +51,32 @@ def model_label(model: BaseChatModel) -> str:
         if isinstance(value, str) and value:
             return value
     return getattr(model, "_llm_type", type(model).__name__)
+
+
+_BASE_URL_FIELDS = ("openai_api_base", "base_url", "api_base", "endpoint", "azure_endpoint")
+
+
+def model_endpoint(model: Any) -> str | None:
+    """``scheme://host[:port]`` of the server a chat model calls, for error messages.
+
+    Only the origin: never the userinfo (``user:password@``), path or query string (either
+    may hold a key). None when the model names no HTTP(S) base URL (the default endpoint of
+    a hosted provider, an in-process model).
+    """
+    from urllib.parse import urlsplit
+
+    while hasattr(model, "bound"):  # RunnableBinding(s) around a chat model
+        model = model.bound
+    for attr in _BASE_URL_FIELDS:
+        value = getattr(model, attr, None)
+        if isinstance(value, str) and "://" in value:
+            try:
+                parts = urlsplit(value.strip())
+                host, port = parts.hostname, parts.port
+            except ValueError:  # a malformed URL: nothing safe to show
+                return None
+            if parts.scheme not in ("http", "https") or not host:
+                return None
+            host = f"[{host}]" if ":" in host else host
+            return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+    return None

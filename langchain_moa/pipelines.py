@@ -89,6 +89,9 @@ class RunSummary:
     duplicates: int = 0
     not_attempted: int = 0
     """Rows left alone because the run stopped early (see `RunStopped`)."""
+    interrupted: int = 0
+    """Rows not finished when the run was cancelled (Ctrl-C): none written, a rerun does
+    them (see `RunInterrupted`)."""
     changed: list[dict[str, Any]] = field(default_factory=list)
     """Rows counted in `skipped` whose explicit id is in OUT with other content: not redone
     (an id marks a row done). Each is ``{"id", "line", "kind": "changed", "reason"}``."""
@@ -107,7 +110,12 @@ class RunSummary:
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0 and self.malformed == 0 and self.not_attempted == 0
+        return (
+            self.failed == 0
+            and self.malformed == 0
+            and self.not_attempted == 0
+            and self.interrupted == 0
+        )
 
     def describe(self) -> str:
         """``read 5 rows: 1 already done, 2 written, 1 failed, 1 malformed``."""
@@ -122,6 +130,7 @@ class RunSummary:
             (self.malformed, "malformed"),
             (self.duplicates, "duplicate" if self.duplicates == 1 else "duplicates"),
             (self.not_attempted, "not attempted"),
+            (self.interrupted, "not done (interrupted; run again to finish them)"),
         ]
         shown = [f"{n} {what}" for n, what in parts if n or what in ("written", "failed")]
         return f"read {self.read} row{'s' if self.read != 1 else ''}: " + ", ".join(shown)
@@ -132,6 +141,18 @@ class RunStopped(ConfigError):
 
     def __init__(self, message: str, summary: RunSummary) -> None:
         super().__init__(message)
+        self.summary = summary
+
+
+class RunInterrupted(asyncio.CancelledError):
+    """The run was cancelled (Ctrl-C); `summary` counts what was written before.
+
+    Still a `CancelledError` (cancellation propagates as asyncio expects); OUT holds only
+    complete rows, and a rerun finishes the rest exactly once.
+    """
+
+    def __init__(self, summary: RunSummary) -> None:
+        super().__init__("the run was interrupted")
         self.summary = summary
 
 
@@ -650,6 +671,10 @@ async def run_rows(
                 concurrency=concurrency, description=description, progress=progress,
                 shard=shard, calls_per_row=calls_per_row,
             )  # fmt: skip
+        except asyncio.CancelledError as exc:
+            if isinstance(exc, RunInterrupted):
+                raise
+            raise RunInterrupted(summary) from None
         finally:
             out.close()
             errors.close()
@@ -749,16 +774,17 @@ async def _run(
     async def attempt(row: InputRow) -> bytes | None:
         """The row's output line, or None after recording why it failed."""
         try:
-            return output_line({"id": row.id, **await worker(row)})
+            line = output_line({"id": row.id, **await worker(row)})
         except Exception as exc:
             failure = {"id": row.id, "line": row.line, "kind": "failed",
                        "reason": error_reason(exc)}  # fmt: skip
             errors.write(failure)
             summary.failures.append(failure)
             summary.failed += 1
-            return None
-        finally:
             bar.update(1)
+            return None
+        bar.update(1)  # not when cancelled: the bar shows the rows really done
+        return line
 
     def keep(row: InputRow, line: bytes) -> None:
         out.write_line(line)
@@ -770,6 +796,9 @@ async def _run(
             return
         with calls.observe(watch):  # the lanes' tasks start inside: they see it too
             await _first_then_the_rest(todo, attempt, keep, watch, summary, errors, concurrency)
+    except asyncio.CancelledError:
+        summary.interrupted = len(todo) - summary.written - summary.failed
+        raise
     finally:
         summary.model_calls = watch.calls
         bar.close()

@@ -61,6 +61,9 @@ API_KEY_ENV = "MOA_SERVE_API_KEY"
 MIN_SERVE_KEY = 16
 """Shortest `MOA_SERVE_API_KEY` `moa serve` takes for a non-loopback host."""
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("langchain_moa.access")
+"""One INFO line per request: method, path (never the query string), status, duration."""
+HEALTH_PATH = "/health"
 INSPECTOR_HTML = Path(__file__).with_name("inspector.html")
 
 # The LangServe routes served at /moa (the others stream internal runs; see the docstring).
@@ -723,10 +726,12 @@ class _Response:
         self._send = send
         self.started = self.finished = False
         self.content_type = ""
+        self.status = 0
 
     async def send(self, message: dict) -> None:
         if message["type"] == "http.response.start":
             self.started = True
+            self.status = int(message.get("status", 0))
             headers = dict(message.get("headers") or [])
             self.content_type = headers.get(b"content-type", b"").decode("latin-1")
         elif message["type"] == "http.response.body" and not message.get("more_body"):
@@ -752,6 +757,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         response = _Response(send)
+        started = time.perf_counter()
         try:
             await self._guarded(scope, receive, response)
         except Exception as exc:  # the one place nothing gets past: one line, OpenAI JSON
@@ -762,10 +768,21 @@ class Guard:
                                                                  "server log"))  # fmt: skip
             elif not response.finished:
                 await response.send({"type": "http.response.body", "body": b""})
+        finally:
+            # The path only: a query string may hold a key (?api_key=...), and the record
+            # goes through the log redaction besides. 0 = the client left before an answer.
+            access_log.info(
+                "%s %s %d %.1f ms", scope.get("method"), scope.get("path"), response.status,
+                (time.perf_counter() - started) * 1000,
+            )  # fmt: skip
 
     async def _guarded(self, scope: dict, receive: Callable, response: _Response) -> None:
         send = response.send
         limits = self.limiter.limits
+        if scope["path"] == HEALTH_PATH and scope["method"] == "GET":
+            # For load balancers and probes: no key, no model call, not a run.
+            await _reply(send, 200, {"status": "ok"})
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.api_key is not None and not self._authorized(headers):
             await _reply(send, 401, error_body(401, "missing or wrong API key: send "

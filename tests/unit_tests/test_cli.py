@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 from langchain_openai import ChatOpenAI
 from rich.console import Console
 
-from langchain_moa import ChatMoA, cli
+from langchain_moa import ChatMoA, cli, errors
 from langchain_moa.errors import ConfigError
 from langchain_moa.testing import ScriptedChatModel
 
@@ -89,6 +93,36 @@ def test_bad_arguments_exit_2_with_usage(argv, capsys) -> None:
     assert "usage: moa" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "usage", "suggestion"),
+    [
+        (["chat", "--temprature", "0.2", "hi"], "usage: moa chat ", "'--temperature'"),
+        (["serve", "--prot", "9"], "usage: moa serve ", "'--port'"),
+        (["generate", "in", "out", "--concurency", "2"], "usage: moa generate ", "'--concurrency'"),
+    ],
+)
+def test_a_misspelt_flag_names_the_subcommand_and_the_closest_option(
+    argv, usage, suggestion, capsys
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage) and "usage: moa [-h]" not in err
+    last = err.strip().splitlines()[-1]
+    flag = next(a for a in argv if a.startswith("--"))
+    assert last.startswith(f"moa {argv[0]}: error: unrecognized arguments: {flag}")
+    assert last.endswith(f"did you mean {suggestion}?")
+
+
+def test_an_unknown_flag_with_nothing_close_gets_no_suggestion(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["chat", "--zzzzzz", "hi"])
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "moa chat: error: unrecognized arguments: --zzzzzz"
+
+
 @pytest.mark.parametrize("command", [["chat"], ["serve"]])
 def test_a_layer_count_beyond_the_config_range_is_refused(command, capsys) -> None:
     with pytest.raises(SystemExit) as info:
@@ -115,6 +149,77 @@ def test_build_chat_moa_applies_config_layers_and_max_tokens(tmp_path: Path, mon
     assert all(
         isinstance(m, ChatOpenAI) and m.max_tokens == 7 for m in [*moa.proposers, moa.aggregator]
     )
+
+
+@pytest.mark.parametrize("command", [["chat"], ["serve"], ["generate", "in.jsonl", "out.jsonl"]])
+def test_proposer_timeout_and_min_proposers_override_the_recipe(
+    command, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("CLI_TEST_KEY", "sk-cli-test-0123456789")
+    path = tmp_path / "moa.toml"
+    path.write_text(CONFIG)
+    config = ["--config", str(path)]
+    args = cli.build_parser().parse_args(
+        [*command, *config, "--proposer-timeout", "2.5", "--min-proposers", "2"]
+    )
+    recipe, kwargs = cli.moa_kwargs_for(str(path), args)
+    assert (recipe.proposer_timeout, recipe.min_proposers) == (None, 1)  # the file's
+    assert (kwargs["proposer_timeout"], kwargs["min_proposers"]) == (2.5, 2)
+    args = cli.build_parser().parse_args([*command, *config, "--proposer-timeout", "inf"])
+    assert cli.moa_kwargs_for(str(path), args)[1]["proposer_timeout"] is None  # no limit
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--proposer-timeout", "0", "must be a number of seconds from 0.1 to 86400, or inf"),
+        ("--proposer-timeout", "nan", "must be a number of seconds from 0.1 to 86400, or inf"),
+        ("--proposer-timeout", "1e9", "must be a number of seconds from 0.1 to 86400, or inf"),
+        ("--min-proposers", "0", "must be at least 1, got 0"),
+        ("--min-proposers", "65", "must be an integer from 1 to 64, got 65"),
+    ],
+)
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_run_shape_flags_take_the_config_files_ranges(command, flag, value, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, flag, value])
+    assert info.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_more_min_proposers_than_proposers_is_one_line(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setenv("CLI_TEST_KEY", "sk-cli-test-0123456789")
+    path = tmp_path / "moa.toml"
+    path.write_text(CONFIG)
+    assert cli.main(["chat", "--config", str(path), "--min-proposers", "3", "q"]) == 2
+    assert "min_proposers" in one_error_line(capsys.readouterr())
+
+
+def test_generate_applies_the_same_sampling_flags_as_chat(tmp_path: Path, monkeypatch) -> None:
+    from langchain_moa import cli_data
+
+    monkeypatch.setenv("CLI_TEST_KEY", "sk-cli-test-0123456789")
+    path = tmp_path / "moa.toml"
+    path.write_text(CONFIG)
+    flags = ["--config", str(path), "--max-tokens", "9", "--temperature", "0.1", "--seed", "7"]
+    gen = cli_data._recipe_models(cli.build_parser().parse_args(["generate", "i", "o", *flags]))
+    assert gen["temperature"] == 0.1  # the aggregator's, as in chat
+    assert [m.seed for m in gen["proposers"]] == [7, 8] and gen["aggregator"].seed == 7
+    assert {m.max_tokens for m in [*gen["proposers"], gen["aggregator"]]} == {9}
+    chat = cli.build_chat_moa(cli.build_parser().parse_args(["chat", *flags, "q"]))
+    assert chat.temperature == 0.1 and [m.seed for m in chat.proposers] == [7, 8]
+    label = cli.build_parser().parse_args(["label", "i", "o", "--config", str(path),
+                                           "--max-tokens", "9", "--seed", "7"])  # fmt: skip
+    judges = cli_data._recipe_models(label)
+    assert [m.seed for m in judges["proposers"]] == [7, 8]
+    assert {m.max_tokens for m in [*judges["proposers"], judges["aggregator"]]} == {9}
+
+
+def test_a_seed_outside_64_bits_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "i", "o", "--seed", str(2**63)])
+    assert info.value.code == 2
+    assert "argument --seed: must be a 64-bit integer" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- answers
@@ -233,6 +338,57 @@ def test_verbose_reports_usage_and_latencies(fake_moa, capsys) -> None:
 
 
 # ------------------------------------------------------------------ interactive
+
+
+CHATTY_RUN = textwrap.dedent(
+    """
+    import logging, sys
+    from langchain_moa import ChatMoA, cli, errors
+    from langchain_moa.testing import ScriptedChatModel
+
+    class Chatty(ScriptedChatModel):
+        async def _astream(self, messages, stop=None, run_manager=None, **kwargs):
+            async for i, chunk in _enumerate(super()._astream(messages, stop, None, **kwargs)):
+                if i == 2:  # a debug record in the middle of the streamed answer
+                    logging.getLogger("langchain_moa.probe").debug("mid-answer note")
+                yield chunk
+
+    async def _enumerate(chunks):
+        i = 0
+        async for chunk in chunks:
+            yield i, chunk
+            i += 1
+
+    moa = ChatMoA(aggregator=Chatty(reply="one two three four five"), layers=1)
+    cli.build_chat_moa = lambda args: moa
+    sys.exit(cli.main(sys.argv[1:]))
+    """
+)
+
+
+def run_chatty(*argv: str, stderr: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(
+        [sys.executable, "-c", CHATTY_RUN, *argv],
+        stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=60, env=env,
+    )  # fmt: skip
+
+
+def test_verbose_log_lines_never_land_inside_the_streamed_answer() -> None:
+    # stdout and stderr on one pipe, as on a terminal or with 2>&1
+    done = run_chatty("chat", "--verbose", "q", stderr=subprocess.STDOUT)
+    assert done.returncode == 0, done.stdout
+    lines = done.stdout.splitlines()
+    assert "DEBUG langchain_moa.probe: mid-answer note" in lines, done.stdout
+    words = " ".join(line for line in lines if not line.startswith(("DEBUG", "usage:", "  ")))
+    assert words.split() == ["one", "two", "three", "four", "five"]
+
+
+def test_the_answer_on_its_own_stdout_is_unchanged_by_log_lines() -> None:
+    done = run_chatty("chat", "--verbose", "q", stderr=subprocess.PIPE)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "one two three four five\n"
+    assert "DEBUG langchain_moa.probe: mid-answer note" in done.stderr.splitlines()
 
 
 def test_interactive_chat_keeps_history(fake_moa, monkeypatch, capsys) -> None:
@@ -356,6 +512,28 @@ def test_quorum_failure_is_a_one_line_runtime_error(monkeypatch, capsys) -> None
     )
 
 
+@pytest.mark.parametrize(
+    ("base_url", "shown"),
+    [
+        ("http://127.0.0.1:9/v1", "http://127.0.0.1:9"),
+        ("http://user:pw-cli-secret@127.0.0.1:9/v1?api-key=q-cli-secret", "http://127.0.0.1:9"),
+        ("http://[::1]:9/v1", "http://[::1]:9"),
+    ],
+)
+def test_an_unreachable_endpoint_is_named_without_userinfo_or_query(
+    base_url, shown, monkeypatch, capsys
+) -> None:
+    unreachable = ChatOpenAI(model="m", base_url=base_url, api_key="sk-unused", max_retries=0)
+    moa = ChatMoA(proposers=[unreachable], aggregator=unreachable, layers=2)
+    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    assert cli.main(["chat", "q"]) == cli.EXIT_RUNTIME_ERROR
+    line = one_error_line(capsys.readouterr())
+    assert line.endswith(
+        f"proposer 1 (m): OpenAIConnectionError: Connection error. (could not reach {shown})"
+    )
+    assert "cli-secret" not in line and "user" not in line and "/v1" not in line
+
+
 def test_provider_errors_never_print_keys(monkeypatch, capsys) -> None:
     secret = "0123456789abcdef0123456789abcdef"  # no recognisable prefix
     monkeypatch.setenv("SOME_PROVIDER_API_KEY", secret)
@@ -408,8 +586,44 @@ def test_serve_without_extra_says_what_to_install(monkeypatch, capsys) -> None:
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_langserve)
+    monkeypatch.setattr(errors, "_editable_source", lambda: None)  # installed from PyPI
     assert cli.main(["serve"]) == cli.EXIT_USER_ERROR
     assert "pip install 'langchain-moa[serve]'" in one_error_line(capsys.readouterr())
+
+
+class _Dist:
+    def __init__(self, direct_url: str | None) -> None:
+        self.direct_url = direct_url
+
+    def read_text(self, name: str) -> str | None:
+        return self.direct_url if name == "direct_url.json" else None
+
+
+@pytest.mark.parametrize(
+    ("direct_url", "cwd_is_checkout", "expected"),
+    [
+        (None, False, "pip install 'langchain-moa[serve]'"),  # a wheel from an index
+        ('{"url": "https://x/y.whl", "archive_info": {}}', False,
+         "pip install 'langchain-moa[serve]'"),
+        ('{"url": "file://CHECKOUT", "dir_info": {}}', True,
+         "pip install 'langchain-moa[serve]'"),  # installed from a directory, not editable
+        ('{"url": "file://CHECKOUT", "dir_info": {"editable": true}}', True,
+         'pip install -e ".[serve]"'),
+        ('{"url": "file://CHECKOUT", "dir_info": {"editable": true}}', False,
+         'pip install -e "CHECKOUT[serve]"'),
+    ],
+)  # fmt: skip
+def test_install_hints_match_how_the_package_was_installed(
+    direct_url, cwd_is_checkout, expected, tmp_path, monkeypatch
+) -> None:
+    import importlib.metadata
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    text = direct_url.replace("CHECKOUT", str(checkout)) if direct_url else None
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: _Dist(text))
+    monkeypatch.chdir(checkout if cwd_is_checkout else tmp_path)
+    assert errors.install_command("serve") == expected.replace("CHECKOUT", str(checkout))
 
 
 def test_recipes_lists_names_descriptions_and_models(capsys) -> None:
@@ -506,6 +720,8 @@ def test_help_states_the_local_recipes_real_defaults() -> None:
     )
     assert f"local: {local.aggregator.temperature}" in helps["temperature"]
     assert f"local: {local.layers}" in helps["layers"]
+    assert f"local: {local.min_proposers})" in helps["min_proposers"]
+    assert f"local: {local.proposer_timeout:g})" in helps["proposer_timeout"]
 
 
 @pytest.mark.parametrize("command", ["chat", "pull", "recipes", "serve", "generate", "label"])
