@@ -126,6 +126,17 @@ def build_agent(
     return builder.compile(name="agent_with_moa")
 
 
+def _print_run(messages: list[BaseMessage]) -> None:
+    for message in messages:
+        if isinstance(message, AIMessage) and message.tool_calls:
+            calls = ", ".join(f"{c['name']}({c['args']})" for c in message.tool_calls)
+            print(f"[agent] calls {calls}")
+        elif message.type == "tool":
+            print(f"[tool] {message.content}")
+        else:
+            print(f"[{message.type}] {message.text}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("question", nargs="?", default="What is 17 * 23? Use the calculator.")
@@ -140,29 +151,34 @@ def main(argv: list[str] | None = None) -> None:
         help="required: call the calculator each round; auto: the model decides "
         "(default: required)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        action="append",
+        metavar="S",
+        help="sampling seed (proposer i gets S + i - 1, the aggregator S); repeat it to run "
+        "the question once per seed in one process (default: the recipe's seeds)",
+    )
     args = parser.parse_args(argv)
 
-    from langchain_moa.recipes import load_recipe
+    from langchain_moa.cli import moa_kwargs_for
 
-    agent = build_agent(
-        **load_recipe(args.recipe).chat_moa_kwargs(),
-        max_steps=args.max_steps,
-        tool_choice=None if args.tool_choice == "auto" else args.tool_choice,
-    )
-    # Each tool round is 2 super-steps of the parent graph; the cap above ends the loop
-    # well before this limit, which is only a safety net.
-    result = agent.invoke(
-        {"messages": [HumanMessage(args.question)]},
-        {"recursion_limit": 4 * args.max_steps + 10},
-    )
-    for message in result["messages"]:
-        if isinstance(message, AIMessage) and message.tool_calls:
-            calls = ", ".join(f"{c['name']}({c['args']})" for c in message.tool_calls)
-            print(f"[agent] calls {calls}")
-        elif message.type == "tool":
-            print(f"[tool] {message.content}")
-        else:
-            print(f"[{message.type}] {message.text}")
+    for seed in args.seed or [None]:
+        _, moa_kwargs = moa_kwargs_for(args.recipe, argparse.Namespace(seed=seed))
+        agent = build_agent(
+            **moa_kwargs,
+            max_steps=args.max_steps,
+            tool_choice=None if args.tool_choice == "auto" else args.tool_choice,
+        )
+        if seed is not None:
+            print(f"--- seed {seed}")
+        # Each tool round is 2 super-steps of the parent graph; the cap above ends the loop
+        # well before this limit, which is only a safety net.
+        result = agent.invoke(
+            {"messages": [HumanMessage(args.question)]},
+            {"recursion_limit": 4 * args.max_steps + 10},
+        )
+        _print_run(result["messages"])
 
 
 if __name__ == "__main__":
