@@ -81,47 +81,58 @@ def with_system_text(messages: Sequence[BaseMessage], text: str) -> list[BaseMes
     return result
 
 
-def _describe_tool_calls(message: AIMessage) -> str:
-    calls = "\n".join(
-        f"[called tool {call['name']} with arguments "
-        f"{json.dumps(call['args'], ensure_ascii=False)}]"
-        for call in message.tool_calls
+def _call_text(call: dict) -> str:
+    return f"The {call['name']} tool was called with {json.dumps(call['args'], ensure_ascii=False)}"
+
+
+def _describe_tool_result(message: ToolMessage, call: dict | None) -> str:
+    called = (
+        _call_text(call)
+        if call is not None
+        else f"The {message.name or message.tool_call_id} tool was called"
     )
-    text = message.text
-    return f"{text}\n{calls}".strip() if text else calls
-
-
-def _describe_tool_result(message: ToolMessage) -> str:
-    status = " (error)" if getattr(message, "status", "success") == "error" else ""
-    name = message.name or message.tool_call_id
-    return f"[result of tool {name}{status}]: {message.text}"
+    if getattr(message, "status", "success") == "error":
+        return f"{called} and failed: {message.text}"
+    return f"{called} and returned: {message.text}"
 
 
 def text_only_history(messages: Sequence[BaseMessage]) -> list[BaseMessage]:
-    """Rewrite tool calls and tool results as plain text for proposers.
+    """Rewrite tool calls and tool results as plain text for models called without tools.
 
     Proposers are called without tools, and many providers reject tool-call turns or
-    tool-result messages when no tools are declared. So an assistant turn with tool
-    calls becomes an assistant text turn describing the calls, and consecutive tool
-    results become one user turn describing the results (keeping user/assistant
-    alternation intact). Messages without tool parts are passed through unchanged.
+    tool-result messages when no tools are declared. So each tool call and its result
+    become one sentence ("The calculator tool was called with {...} and returned: 391")
+    in a user-side note that asks for the answer; the assistant turn that made the calls
+    keeps only its text (dropped when it has none). No assistant turn is ever written in
+    a tool-call form of the package's own: small models copy the last assistant turn, and
+    one that read ``[called tool ...]`` was imitated as the final answer (issue 21).
+    Messages without tool parts are passed through unchanged.
     """
     result: list[BaseMessage] = []
-    pending_results: list[str] = []
+    calls: dict[str, dict] = {}  # the calls of the pending note, by id, in call order
+    notes: list[str] = []
 
     def flush() -> None:
-        if pending_results:
-            result.append(HumanMessage(content="\n".join(pending_results)))
-            pending_results.clear()
+        lines = [f"{_call_text(c)} and has no result yet." for c in calls.values()]
+        if notes:
+            ask = "these results" if len(notes) > 1 else "this result"
+            lines = [*notes, *lines, f"Answer the question using {ask}."]
+        if lines:
+            result.append(HumanMessage(content="\n".join(lines)))
+        notes.clear()
+        calls.clear()
 
     for message in messages:
         if isinstance(message, ToolMessage):
-            pending_results.append(_describe_tool_result(message))
+            notes.append(_describe_tool_result(message, calls.pop(message.tool_call_id, None)))
+            continue
+        if isinstance(message, AIMessage) and message.tool_calls:
+            flush()
+            if message.text:
+                result.append(AIMessage(content=message.text, name=message.name))
+            calls.update({c.get("id") or f"#{i}": c for i, c in enumerate(message.tool_calls)})
             continue
         flush()
-        if isinstance(message, AIMessage) and message.tool_calls:
-            result.append(AIMessage(content=_describe_tool_calls(message), name=message.name))
-        else:
-            result.append(message)
+        result.append(message)
     flush()
     return result

@@ -373,8 +373,11 @@ def test_tool_history_reaches_proposers_as_text_and_aggregator_verbatim() -> Non
     sent = ps[0].calls[0]
     assert as_pairs(sent) == [
         ("human", "6 times 7?"),
-        ("ai", '[called tool multiply with arguments {"a": 6, "b": 7}]'),
-        ("human", "[result of tool multiply]: 42"),
+        (
+            "human",
+            'The multiply tool was called with {"a": 6, "b": 7} and returned: 42\n'
+            "Answer the question using this result.",
+        ),
     ]
     assert not any(isinstance(m, ToolMessage) for m in sent)
     assert isinstance(agg.calls[0][3], ToolMessage)

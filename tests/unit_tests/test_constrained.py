@@ -143,10 +143,48 @@ def test_tool_turns_reach_the_server_as_text() -> None:
         ToolMessage("391", tool_call_id="c1", name="calculator"),
     ]
     plain = _plain_history(history)
-    assert [m.type for m in plain] == ["human", "ai", "human"]
-    assert "391" in plain[-1].content
+    # No assistant turn in a tool-call form for a small model to copy as its answer
+    # (issue 21: SmolLM2 answered "[called tool calculator ...]"); the result is a note
+    # that asks for the answer.
+    assert [m.type for m in plain] == ["human", "human"]
+    assert plain[-1].content == (
+        'The calculator tool was called with {"x": 1} and returned: 391\n'
+        "Answer the question using this result."
+    )
     untouched = [HumanMessage("hi")]
     assert _plain_history(untouched) is untouched
+
+
+def test_every_tool_turn_is_kept_as_text_in_its_note() -> None:
+    """Several calls, an error, words beside a call, a call still waiting: nothing is lost."""
+    history = [
+        HumanMessage("Weather in Oslo and 2 + 2?"),
+        AIMessage(
+            "Let me check.",
+            tool_calls=[
+                {"name": "weather", "args": {"city": "Oslo"}, "id": "w"},
+                {"name": "calculator", "args": {"expression": "2 + 2"}, "id": "c"},
+            ],
+        ),
+        ToolMessage("4", tool_call_id="c", name="calculator"),
+        ToolMessage("timeout", tool_call_id="w", name="weather", status="error"),
+        AIMessage("", tool_calls=[{"name": "calculator", "args": {"expression": "4"}, "id": "d"}]),
+    ]
+    plain = _plain_history(history)
+    assert [(m.type, m.content) for m in plain] == [
+        ("human", "Weather in Oslo and 2 + 2?"),
+        ("ai", "Let me check."),
+        (
+            "human",
+            'The calculator tool was called with {"expression": "2 + 2"} and returned: 4\n'
+            'The weather tool was called with {"city": "Oslo"} and failed: timeout\n'
+            "Answer the question using these results.",
+        ),
+        (
+            "human",
+            'The calculator tool was called with {"expression": "4"} and has no result yet.',
+        ),
+    ]
 
 
 def _usage() -> dict:

@@ -794,8 +794,11 @@ def test_agent_example_loops_through_the_tool_node() -> None:
     assert out["messages"][-1].content == "The answer is 42."
     # proposers saw the tool round trip as text
     assert as_pairs(ps[0].calls[1])[1:] == [
-        ("ai", '[called tool calculator with arguments {"expression": "6 * 7"}]'),
-        ("human", "[result of tool calculator]: 42"),
+        (
+            "human",
+            'The calculator tool was called with {"expression": "6 * 7"} and returned: 42\n'
+            "Answer the question using this result.",
+        ),
     ]
 
 
