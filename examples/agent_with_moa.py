@@ -13,6 +13,7 @@ Run it on the embedded local model (no API key):
     python examples/agent_with_moa.py
     python examples/agent_with_moa.py --recipe together-moa-lite --tool-choice auto \
         --max-steps 3 "What is 12.5% of 3,640?"
+    python examples/agent_with_moa.py --seed 1 --seed 2   # one run per seed, one process
 
 On the embedded model the calls are real: its llama.cpp server constrains the answer to a
 valid calculator call (`langchain_moa.constrained`). The defaults force one call
