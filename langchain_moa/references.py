@@ -118,7 +118,15 @@ def text_only_history(messages: Sequence[BaseMessage]) -> list[BaseMessage]:
             ask = "these results" if len(notes) > 1 else "this result"
             lines = [*notes, *lines, f"Answer the question using {ask}."]
         if lines:
-            result.append(HumanMessage(content="\n".join(lines)))
+            note = "\n".join(lines)
+            last = result[-1] if result else None
+            if isinstance(last, HumanMessage) and isinstance(last.content, str):
+                # Right after the user's turn (the calls' turn had no text): one user turn,
+                # so roles still alternate; chat templates that enforce it (Mistral's,
+                # on vLLM) refuse two user turns in a row.
+                result[-1] = last.model_copy(update={"content": f"{last.content}\n\n{note}"})
+            else:
+                result.append(HumanMessage(content=note))
         notes.clear()
         calls.clear()
 

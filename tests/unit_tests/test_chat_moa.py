@@ -372,13 +372,14 @@ def test_tool_history_reaches_proposers_as_text_and_aggregator_verbatim() -> Non
     moa.bind_tools([multiply]).invoke(history)
     sent = ps[0].calls[0]
     assert as_pairs(sent) == [
-        ("human", "6 times 7?"),
         (
             "human",
+            "6 times 7?\n\n"
             'The multiply tool was called with {"a": 6, "b": 7} and returned: 42\n'
             "Answer the question using this result.",
         ),
     ]
+    assert history[0].content == "6 times 7?"  # the caller's message is untouched
     assert not any(isinstance(m, ToolMessage) for m in sent)
     assert isinstance(agg.calls[0][3], ToolMessage)
     assert agg.calls[0][2].tool_calls[0]["name"] == "multiply"

@@ -146,11 +146,14 @@ def test_tool_turns_reach_the_server_as_text() -> None:
     # No assistant turn in a tool-call form for a small model to copy as its answer
     # (issue 21: SmolLM2 answered "[called tool calculator ...]"); the result is a note
     # that asks for the answer.
-    assert [m.type for m in plain] == ["human", "human"]
+    # ... in the user's own turn, so roles alternate (templates like Mistral's enforce it)
+    assert [m.type for m in plain] == ["human"]
     assert plain[-1].content == (
+        "17 * 23?\n\n"
         'The calculator tool was called with {"x": 1} and returned: 391\n'
         "Answer the question using this result."
     )
+    assert history[0].content == "17 * 23?"  # the caller's message is not mutated
     untouched = [HumanMessage("hi")]
     assert _plain_history(untouched) is untouched
 
@@ -178,13 +181,12 @@ def test_every_tool_turn_is_kept_as_text_in_its_note() -> None:
             "human",
             'The calculator tool was called with {"expression": "2 + 2"} and returned: 4\n'
             'The weather tool was called with {"city": "Oslo"} and failed: timeout\n'
-            "Answer the question using these results.",
-        ),
-        (
-            "human",
+            "Answer the question using these results.\n\n"
             'The calculator tool was called with {"expression": "4"} and has no result yet.',
         ),
     ]
+    types = [m.type for m in plain]
+    assert all(a != b for a, b in zip(types, types[1:]))  # user and assistant alternate
 
 
 def _usage() -> dict:

@@ -793,9 +793,10 @@ def test_agent_example_loops_through_the_tool_node() -> None:
     assert out["messages"][2].content == "42"
     assert out["messages"][-1].content == "The answer is 42."
     # proposers saw the tool round trip as text
-    assert as_pairs(ps[0].calls[1])[1:] == [
+    assert as_pairs(ps[0].calls[1]) == [
         (
             "human",
+            "What is 6 times 7?\n\n"
             'The calculator tool was called with {"expression": "6 * 7"} and returned: 42\n'
             "Answer the question using this result.",
         ),
