@@ -14,6 +14,7 @@ import threading
 import pytest
 from langchain_core.messages import HumanMessage
 
+from langchain_moa import ChatMoA
 from langchain_moa.calls import ModelCall, arun_all, run_all
 from langchain_moa.local import SlotGate, slot_clients
 from langchain_moa.testing.server import ModelScript, ScriptedOpenAIServer
@@ -111,3 +112,27 @@ async def test_a_cancelled_waiter_gives_its_place_back(gate) -> None:
     assert gate.free == 1  # not handed to the cancelled waiter
     await gate.aacquire()
     gate.release()
+
+
+def moa_on_one_slot(server: ScriptedOpenAIServer, gate: SlotGate) -> ChatMoA:
+    """Three proposers sharing one slot, every one required (``min_proposers=3``)."""
+    return ChatMoA(
+        proposers=[c.model for c in proposers(server, gate)],
+        aggregator=server.chat_model("agg", max_retries=0),
+        layers=2,
+        proposer_timeout=TIMEOUT,
+        min_proposers=3,
+    )
+
+
+def test_moa_proposers_queued_for_one_slot_all_answer(server, gate) -> None:
+    answer = moa_on_one_slot(server, gate).invoke("q")
+    assert answer.content == "ok"
+    assert sorted(r.model for r in server.requests) == ["agg", "p1", "p2", "p3"]
+    assert_slot_free(gate)
+
+
+async def test_moa_proposers_queued_for_one_slot_all_answer_async(server, gate) -> None:
+    answer = await moa_on_one_slot(server, gate).ainvoke("q")
+    assert answer.content == "ok"
+    await assert_slot_free_async(gate)
