@@ -500,6 +500,8 @@ class _Budget:
         self._depth = 0
         self._lock = threading.Lock()
         self._notify = notify
+        self.abandoned = False
+        """The call was given up (timed out or dropped) while its thread still runs."""
 
     def deadline(self) -> float | None:
         """When the budget runs out; None while queued or without a timeout."""
@@ -550,6 +552,13 @@ def queued() -> Iterator[None]:
         yield
     finally:
         budget.resume()
+
+
+def given_up() -> bool:
+    """Whether the running call was already given up (a sync call abandoned on its thread
+    while it waited in `queued`): then the capacity it got should not be used."""
+    budget = _budget.get()
+    return budget is not None and budget.abandoned
 
 
 # --------------------------------------------------------------------- sync path
@@ -659,6 +668,7 @@ def run_all(
                 deadline = _deadline(worker)
                 if worker.finished or (deadline is not None and now >= deadline):
                     del running[i]
+                    worker.budget.abandoned = not worker.finished
                     results[i] = _settle(worker, now)
                     if worker.call.close is not None:
                         worker.call.close.record(results[i])  # type: ignore[arg-type]

@@ -35,7 +35,7 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
-from langchain_moa.calls import queued
+from langchain_moa.calls import given_up, queued
 from langchain_moa.errors import ConfigError, install_command
 
 logger = logging.getLogger("langchain_moa.local")
@@ -281,7 +281,8 @@ def _slot_transports(gate: SlotGate) -> tuple[Any, Any]:
     """httpx transports (sync, async) that hold one of `gate`'s slots per request.
 
     The slot is taken before the request is sent (waiting inside `queued`) and given
-    back when the response is closed, or at once when sending fails or is cancelled.
+    back when the response is closed, or at once when sending fails or is cancelled. A
+    sync call given up while it waited (a straggler dropped by its layer) sends nothing.
     """
     import httpx
 
@@ -320,6 +321,9 @@ def _slot_transports(gate: SlotGate) -> tuple[Any, Any]:
             with queued():
                 gate.acquire()
             release = _Once(gate.release)
+            if given_up():  # its call was dropped while it waited: the slot goes on
+                release()
+                raise TimeoutError("the call was given up while it waited for a local slot")
             try:
                 response = self._inner.handle_request(request)
             except BaseException:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 
 import pytest
 from langchain_core.messages import HumanMessage
 
 from langchain_moa import ChatMoA
-from langchain_moa.calls import ModelCall, arun_all, run_all
+from langchain_moa.calls import LayerClose, ModelCall, arun_all, run_all
 from langchain_moa.local import SlotGate, slot_clients
 from langchain_moa.testing.server import ModelScript, ScriptedOpenAIServer
 
@@ -136,3 +137,18 @@ async def test_moa_proposers_queued_for_one_slot_all_answer_async(server, gate) 
     answer = await moa_on_one_slot(server, gate).ainvoke("q")
     assert answer.content == "ok"
     await assert_slot_free_async(gate)
+
+
+def test_a_straggler_dropped_while_queued_sends_nothing(server, gate) -> None:
+    close = LayerClose(quorum=1, grace=0.0)  # the layer closes at its first answer
+    calls = [replace(c, close=close) for c in proposers(server, gate)]
+    results = run_all(calls)
+    answered = [r for r in results if r.ok]
+    assert [r.message.content for r in answered] == ["ok"]
+    assert all(r.error.error_type == "Straggler" for r in results if not r.ok)
+    assert_slot_free(gate)  # in line behind every queued call: they all had their turn
+    # The first answer and the call in flight when the layer closed were sent; the call
+    # still queued then never was (it used to take the slot for an answer nobody wanted).
+    sent = [r.model for r in server.requests]
+    assert answered[0].call.model.model_name in sent
+    assert len(sent) <= 2
