@@ -11,6 +11,8 @@ concurrent fan-out). So the guarantees below hold on every face because they exi
   Sync calls then run on *daemon* threads, so a hung provider can never keep the process
   alive, and the budget is passed down as the client's own request timeout where the model
   takes one (OpenAI-compatible models), so the socket is closed soon after as well.
+  Time a call spends queued for capacity (a local server's slot, see `queued`) does not
+  count: its budget pauses while it waits and counts from when it is admitted.
 - **Child-run configuration**: each call is a child run tagged ``moa:<kind>``; hidden calls
   (drafts, judges, samples) also get ``nostream``, so LangGraph's ``stream_mode="messages"``
   never shows them while tracers still record them.
@@ -485,6 +487,80 @@ def _error(call: ModelCall, exc: BaseException) -> CallError:
     return CallError.from_exception(exc, call.role, call.model_name, client=call.model)
 
 
+# ------------------------------------------------------------------ time budget
+
+
+class _Budget:
+    """One running call's timeout clock, which pauses while the call is queued (`queued`)."""
+
+    def __init__(self, timeout: float | None, notify: Callable[[], None]) -> None:
+        self.timeout = timeout
+        self.started = time.perf_counter()
+        self._paused_at: float | None = None
+        self._depth = 0
+        self._lock = threading.Lock()
+        self._notify = notify
+        self.abandoned = False
+        """The call was given up (timed out or dropped) while its thread still runs."""
+
+    def deadline(self) -> float | None:
+        """When the budget runs out; None while queued or without a timeout."""
+        with self._lock:
+            if self.timeout is None or self._paused_at is not None:
+                return None
+            return self.started + self.timeout
+
+    def spent(self, now: float) -> bool:
+        deadline = self.deadline()
+        return deadline is not None and now >= deadline
+
+    def pause(self) -> None:
+        with self._lock:
+            self._depth += 1
+            if self._depth == 1:
+                self._paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth or self._paused_at is None:
+                return
+            self.started += time.perf_counter() - self._paused_at  # the wait is not counted
+            self._paused_at = None
+        self._notify()  # the waiting side learns the new deadline
+
+
+_budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar(
+    "moa_call_budget", default=None
+)
+
+
+@contextmanager
+def queued() -> Iterator[None]:
+    """Wrap a wait for capacity: the running call's timeout does not count it.
+
+    The embedded model's HTTP transport waits for one of the server's slots inside this
+    (`langchain_moa.local.SlotGate`): its calls' budgets pause while they are queued and
+    count from when the slot is granted. Outside a call with a timeout it does nothing.
+    """
+    budget = _budget.get()
+    if budget is None:
+        yield
+        return
+    budget.pause()
+    try:
+        yield
+    finally:
+        budget.resume()
+
+
+def given_up() -> bool:
+    """Whether the running call was already given up (a sync call abandoned on its thread
+    while it waited in `queued`): then the capacity it got should not be used."""
+    budget = _budget.get()
+    return budget is not None and budget.abandoned
+
+
 # --------------------------------------------------------------------- sync path
 
 
@@ -498,6 +574,7 @@ class _Worker:
         self.exc: BaseException | None = None
         self.finished = False
         self._done = done
+        self.budget = _Budget(call.timeout, done.set)
         context = contextvars.copy_context()
         self._thread = threading.Thread(
             target=context.run, args=(self._run, config), daemon=True, name=f"moa {call.role}"
@@ -505,6 +582,7 @@ class _Worker:
         self._thread.start()
 
     def _run(self, config: RunnableConfig | None) -> None:
+        _budget.set(self.budget)  # this thread's own context (a copy): for `queued`
         try:
             self.message = _invoke_inline(self.call, config, self.call.timeout)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
@@ -526,7 +604,7 @@ def _invoke_inline(
 def _settle(worker: _Worker, now: float) -> CallResult:
     call, latency = worker.call, now - worker.started
     if not worker.finished:
-        own = call.timeout is not None and now >= worker.started + call.timeout
+        own = worker.budget.spent(now)
         error = (
             CallError.timeout(call.role, call.model_name, call.timeout or 0)
             if own or call.close is None
@@ -543,7 +621,8 @@ def _settle(worker: _Worker, now: float) -> CallResult:
 def _deadline(worker: _Worker) -> float | None:
     """When this running call must be given up: its own timeout, or its layer's close."""
     call = worker.call
-    ends = [worker.started + call.timeout] if call.timeout is not None else []
+    own = worker.budget.deadline()  # None while the call is queued for capacity
+    ends = [own] if own is not None else []
     if call.close is not None and call.close.close_at is not None:
         ends.append(call.close.close_at)
     return min(ends) if ends else None
@@ -559,7 +638,8 @@ def run_all(
 
     Never raises for a model's failure: each result holds its `CallError`. At most
     `max_concurrency` (default: ``config["max_concurrency"]``, else all) run at once; a
-    call's timeout counts from its own start, and a timed-out call frees its slot at once.
+    call's timeout counts from its own start (time `queued` for capacity excepted), and a
+    timed-out call frees its slot at once.
     Calls of a layer that closes early (`LayerClose`) are dropped as stragglers.
     """
     limit = max_concurrency or (config or {}).get("max_concurrency") or len(calls) or 1
@@ -588,6 +668,7 @@ def run_all(
                 deadline = _deadline(worker)
                 if worker.finished or (deadline is not None and now >= deadline):
                     del running[i]
+                    worker.budget.abandoned = not worker.finished
                     results[i] = _settle(worker, now)
                     if worker.call.close is not None:
                         worker.call.close.record(results[i])  # type: ignore[arg-type]
@@ -703,14 +784,10 @@ async def _arun_one(
         except Exception as exc:
             return None, exc
 
-    if call.close is None:
-        try:
-            message, exc = await asyncio.wait_for(guarded(), call.timeout)
-        except asyncio.TimeoutError:
-            error = CallError.timeout(call.role, call.model_name, call.timeout or 0)
-            return CallResult(call, error=error, latency_s=time.perf_counter() - started)
+    if call.close is None and call.timeout is None:  # nothing can cut it short
+        message, exc = await guarded()
     else:
-        outcome = await _until_closed(call, guarded(), started)
+        outcome = await _until_done(call, guarded(), started)
         if isinstance(outcome, CallResult):
             return outcome
         message, exc = outcome
@@ -725,36 +802,47 @@ async def _arun_one(
     return result
 
 
-async def _until_closed(call: ModelCall, work: Any, started: float) -> Any:
-    """Await `work` until it ends, its timeout passes or its layer closes (then cancel it)."""
+async def _until_done(call: ModelCall, work: Any, started: float) -> Any:
+    """Await `work` until it ends, its timeout passes or its layer closes (then cancel it).
+
+    The timeout is the call's `_Budget`: paused while `work` is `queued` for capacity."""
     close = call.close
-    assert close is not None
     loop = asyncio.get_running_loop()
     woken = asyncio.Event()
-    stop = close.listen(lambda: loop.call_soon_threadsafe(woken.set))
-    task = asyncio.ensure_future(work)
+
+    def wake() -> None:
+        loop.call_soon_threadsafe(woken.set)
+
+    stop = close.listen(wake) if close is not None else (lambda: None)
+    budget = _Budget(call.timeout, wake)
+    token = _budget.set(budget)
+    try:
+        task = asyncio.ensure_future(work)  # runs in a copy of this context: sees `budget`
+    finally:
+        _budget.reset(token)
     try:
         while True:
             now = time.perf_counter()
-            ends = [started + call.timeout] if call.timeout is not None else []
-            if close.close_at is not None:
+            own_end = budget.deadline()  # None while queued
+            ends = [own_end] if own_end is not None else []
+            if close is not None and close.close_at is not None:
                 ends.append(close.close_at)
             if ends and now >= min(ends):
                 task.cancel()
-                own = call.timeout is not None and now >= started + call.timeout
+                own = own_end is not None and now >= own_end
                 error = (
                     CallError.timeout(call.role, call.model_name, call.timeout or 0)
                     if own
                     else _straggler(call, now - started)
                 )
                 return CallResult(call, error=error, latency_s=now - started)
-            wake = asyncio.ensure_future(woken.wait())
+            woke = asyncio.ensure_future(woken.wait())
             await asyncio.wait(
-                {task, wake},
+                {task, woke},
                 timeout=(min(ends) - now) if ends else None,
                 return_when=asyncio.FIRST_COMPLETED,
             )
-            wake.cancel()
+            woke.cancel()
             woken.clear()
             if task.done():
                 return task.result()

@@ -15,6 +15,7 @@ is found too, without importing the package.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import importlib.util
 import logging
@@ -25,7 +26,8 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
+from langchain_moa.calls import given_up, queued
 from langchain_moa.errors import ConfigError, install_command
 
 logger = logging.getLogger("langchain_moa.local")
@@ -178,6 +181,194 @@ def pull_bundled_model(force: bool = False) -> Path:
     return target
 
 
+# ----------------------------------------------------------------------- slots
+
+
+class SlotGate:
+    """A server's parallel slots as client-side admission, for threads and tasks alike.
+
+    A request holds one slot from before it is sent until its response is closed; the
+    others wait here, first come first served, inside `langchain_moa.calls.queued`: time
+    spent waiting for a slot does not count against a call's timeout. A timed-out or
+    cancelled task gives its slot (or its place in the queue) back; a sync call abandoned
+    on its thread gives it back when its request ends (its client timeout bounds that).
+    """
+
+    def __init__(self, slots: int) -> None:
+        if slots < 1:
+            raise ValueError(f"a slot gate needs at least 1 slot, got {slots}")
+        self.slots = slots
+        self._free = slots
+        self._lock = threading.Lock()
+        self._waiters: deque[Any] = deque()  # threading.Event or (loop, future)
+
+    @property
+    def free(self) -> int:
+        """Slots free now (none is free while a request waits)."""
+        with self._lock:
+            return self._free
+
+    def _take_or_queue(self, waiter: Any) -> bool:
+        with self._lock:
+            if self._free > 0 and not self._waiters:
+                self._free -= 1
+                return True
+            self._waiters.append(waiter)
+            return False
+
+    def acquire(self) -> None:
+        """Wait for a slot (a thread)."""
+        event = threading.Event()
+        if not self._take_or_queue(event):
+            event.wait()
+
+    async def aacquire(self) -> None:
+        """Wait for a slot (a task); cancelled, it gives back the slot it was handed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        waiter = (loop, future)
+        if self._take_or_queue(waiter):
+            return
+        try:
+            await future
+        except asyncio.CancelledError:
+            with self._lock:
+                still_queued = waiter in self._waiters
+                if still_queued:
+                    self._waiters.remove(waiter)
+            if not still_queued and future.done() and not future.cancelled():
+                self.release()  # handed over just as it was cancelled
+            raise  # (handed over but not yet delivered: `_deliver` passes it on)
+
+    def release(self) -> None:
+        """Give a slot back: to the first waiter still waiting, else to the pool."""
+        with self._lock:
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if isinstance(waiter, threading.Event):
+                    waiter.set()
+                    return
+                loop, future = waiter
+                try:
+                    loop.call_soon_threadsafe(self._deliver, future)
+                    return
+                except RuntimeError:  # its event loop is closed: nobody waits there
+                    continue
+            self._free += 1
+
+    def _deliver(self, future: asyncio.Future[None]) -> None:
+        if future.done():  # cancelled meanwhile: the slot goes to the next one
+            self.release()
+        else:
+            future.set_result(None)
+
+
+class _Once:
+    """Calls `release` once, however many times it is asked to."""
+
+    def __init__(self, release: Any) -> None:
+        self._release: Any = release
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+def _slot_transports(gate: SlotGate) -> tuple[Any, Any]:
+    """httpx transports (sync, async) that hold one of `gate`'s slots per request.
+
+    The slot is taken before the request is sent (waiting inside `queued`) and given
+    back when the response is closed, or at once when sending fails or is cancelled. A
+    sync call given up while it waited (a straggler dropped by its layer) sends nothing.
+    """
+    import httpx
+
+    class _ReleasingStream(httpx.SyncByteStream):
+        def __init__(self, inner: Any, release: _Once) -> None:
+            self._inner, self._release = inner, release
+
+        def __iter__(self) -> Iterator[bytes]:
+            yield from self._inner
+
+        def close(self) -> None:
+            try:
+                self._inner.close()
+            finally:
+                self._release()
+
+    class _AsyncReleasingStream(httpx.AsyncByteStream):
+        def __init__(self, inner: Any, release: _Once) -> None:
+            self._inner, self._release = inner, release
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            async for part in self._inner:
+                yield part
+
+        async def aclose(self) -> None:
+            try:
+                await self._inner.aclose()
+            finally:
+                self._release()
+
+    class SlotTransport(httpx.BaseTransport):
+        def __init__(self) -> None:
+            self._inner = httpx.HTTPTransport()
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            with queued():
+                gate.acquire()
+            release = _Once(gate.release)
+            if given_up():  # its call was dropped while it waited: the slot goes on
+                release()
+                raise TimeoutError("the call was given up while it waited for a local slot")
+            try:
+                response = self._inner.handle_request(request)
+            except BaseException:
+                release()
+                raise
+            response.stream = _ReleasingStream(response.stream, release)
+            return response
+
+        def close(self) -> None:
+            self._inner.close()
+
+    class AsyncSlotTransport(httpx.AsyncBaseTransport):
+        def __init__(self) -> None:
+            self._inner = httpx.AsyncHTTPTransport()
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            with queued():
+                await gate.aacquire()
+            release = _Once(gate.release)
+            try:
+                response = await self._inner.handle_async_request(request)
+            except BaseException:
+                release()
+                raise
+            response.stream = _AsyncReleasingStream(response.stream, release)
+            return response
+
+        async def aclose(self) -> None:
+            await self._inner.aclose()
+
+    return SlotTransport(), AsyncSlotTransport()
+
+
+def slot_clients(gate: SlotGate) -> dict[str, Any]:
+    """``http_client`` and ``http_async_client`` for a ChatOpenAI whose requests take one
+    of `gate`'s slots each (see `SlotGate`)."""
+    import httpx
+
+    sync, async_ = _slot_transports(gate)
+    return {
+        "http_client": httpx.Client(transport=sync),
+        "http_async_client": httpx.AsyncClient(transport=async_),
+    }
+
+
 # ---------------------------------------------------------------------- server
 
 
@@ -194,6 +385,8 @@ class LocalServer:
         self._server: Any = None
         self.base_url: str | None = None
         self.startup_s: float | None = None
+        self.slots = SlotGate(n_parallel)
+        """Admission to the server's slots, shared by all its clients (see `SlotGate`)."""
 
     @property
     def running(self) -> bool:
@@ -385,6 +578,10 @@ def local_chat_model(
     label = f"{server.alias} (t={temperature}, seed={seed})"
     kwargs.setdefault("timeout", 300)
     kwargs.setdefault("max_retries", 1)
+    if "http_client" not in kwargs and "http_async_client" not in kwargs:
+        # Requests wait for one of the server's slots on this side, not in its queue: that
+        # wait is not counted against a call's timeout (see `SlotGate`).
+        kwargs.update(slot_clients(server.slots))
     return ChatLocal(
         model=server.alias,
         base_url=server.base_url,
