@@ -186,7 +186,7 @@ def test_every_tool_turn_is_kept_as_text_in_its_note() -> None:
         ),
     ]
     types = [m.type for m in plain]
-    assert all(a != b for a, b in zip(types, types[1:]))  # user and assistant alternate
+    assert all(types[i] != types[i + 1] for i in range(len(types) - 1))  # roles alternate
 
 
 def _usage() -> dict:
