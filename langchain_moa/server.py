@@ -200,6 +200,11 @@ def check_json(value: Any, path: str = "", depth: int = 0) -> None:
             check_json(item, f"{path}[{i}]", depth + 1)
 
 
+PARSED_BODY = "moa_parsed_body"
+"""Where `Guard` leaves a POST body it parsed (``scope["state"]``), so handlers do not
+parse and check it again."""
+
+
 def parse_json(raw: bytes) -> Any:
     """The body as JSON, checked by `check_json`; RequestError(400) when it is not."""
     try:
@@ -694,15 +699,17 @@ def check_chat_input(value: Any, param: str, schema: Any = None) -> None:
                                 '{"type": "human", "content": "..."}', param) from None  # fmt: skip
 
 
-def runs_of(method: str, path: str, body: bytes, max_batch: int, schema: Any = None) -> int:
+def runs_of(method: str, path: str, data: Any, max_batch: int, schema: Any = None) -> int:
     """The MoA runs a request asks for: every POST is one (the app serves no POST that is
-    not a run), a batch of n inputs is n. RequestError for a LangServe body that is
-    malformed, or a batch over `max_batch`."""
+    not a run), a batch of n inputs is n. `data` is the body as `parse_json` read it (None
+    for an empty body). RequestError for a LangServe body that is malformed, or a batch
+    over `max_batch`."""
     if method != "POST":
         return 0
     if not path.startswith("/moa/"):
         return 1
-    data = parse_json(body or b"{}")
+    if data is None:
+        data = {}
     if not path.rstrip("/").endswith("/batch"):
         if isinstance(data, dict) and "input" in data:
             check_chat_input(data["input"], "input", schema)
@@ -811,9 +818,11 @@ class Guard:
             return  # the client left
         path, method = scope["path"], scope["method"]
         try:
-            if method == "POST" and body.strip():
-                parse_json(body)  # every route: no NaN, lone surrogate or 1000-deep nesting
-            runs = runs_of(method, path, body, limits.max_batch, self.input_schema)
+            # every route: no NaN, lone surrogate or 1000-deep nesting; read once, here
+            data = parse_json(body) if method == "POST" and body.strip() else None
+            if data is not None:
+                scope.setdefault("state", {})[PARSED_BODY] = data
+            runs = runs_of(method, path, data, limits.max_batch, self.input_schema)
         except RequestError as exc:
             refusal = error_body(exc.status, str(exc), exc.param)
             if path.startswith("/moa/"):
@@ -983,7 +992,9 @@ def create_app(
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Any:
-        body = parse_json(await request.body())
+        body = request.scope.get("state", {}).get(PARSED_BODY)  # the guard read it
+        if body is None:
+            body = parse_json(await request.body())
         if isinstance(body, dict) and body.get("stream") is True:
             lines = await api.stream(body)
             return StreamingResponse(lines, media_type="text/event-stream")
