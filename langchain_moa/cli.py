@@ -780,6 +780,13 @@ def _port(value: str) -> int:
     return _integer(value, 1, 65535, "a TCP port from 1 to 65535")
 
 
+def _layers(value: str) -> int:
+    """A layer count in the range config files allow (``--layers 100000`` is a typo)."""
+    from langchain_moa.recipes import MAX_LAYERS, RANGES
+
+    return _integer(value, 1, MAX_LAYERS, RANGES["layers"])
+
+
 def _min_proposers(value: str) -> int:
     from langchain_moa.recipes import MAX_PROPOSERS, RANGES
 
@@ -847,13 +854,6 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, system: bool = True
     )  # fmt: skip
     if system:
         parser.add_argument("--system", metavar="TEXT", help="a system message (default: none)")
-
-
-def _layers(value: str) -> int:
-    """A layer count in the range config files allow (``--layers 100000`` is a typo)."""
-    from langchain_moa.recipes import MAX_LAYERS, RANGES
-
-    return _integer(value, 1, MAX_LAYERS, RANGES["layers"])
 
 
 def _seconds(value: str) -> float:
