@@ -21,12 +21,16 @@ def _recipe(args: argparse.Namespace) -> Any:
     return load_recipe(model_source(args))
 
 
+def _all_local(recipe: Any) -> bool:
+    return all(e.provider == "local" for e in [*recipe.proposers, recipe.aggregator])
+
+
 def _recipe_models(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe's models with the command's flags applied (the builder `moa chat` uses)."""
     from langchain_moa.cli import moa_kwargs_for, model_source
 
     recipe, kwargs = moa_kwargs_for(model_source(args), args)
-    kwargs["all_local"] = all(e.provider == "local" for e in [*recipe.proposers, recipe.aggregator])
+    kwargs["all_local"] = _all_local(recipe)
     kwargs["label"] = recipe.label
     return kwargs
 
@@ -102,7 +106,13 @@ def cmd_label(args: argparse.Namespace) -> int:
     from langchain_moa.recipes import LabelSettings
 
     options = _run_options(args)
-    check_label_flags(args, _recipe(args).label)  # before any model starts
+    recipe = _recipe(args)
+    check_label_flags(args, recipe.label)  # before any model starts
+    if (args.mode or recipe.label.mode) == "likelihood" and not _all_local(recipe):
+        raise ConfigError(
+            "--mode likelihood reads llama.cpp grammars and token probabilities, so every judge "
+            "must be a local model (e.g. --recipe local); pass --mode pointwise or pairwise"
+        )
     models = _recipe_models(args)
     defaults = models.get("label") or LabelSettings()
     criteria: Any = None
@@ -110,11 +120,13 @@ def cmd_label(args: argparse.Namespace) -> int:
         criteria = "dynamic"
     elif args.criteria:
         criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
+    mode = args.mode or defaults.mode
     aggregate = defaults.aggregate if args.aggregate is None else args.aggregate
     judge = MoAJudge(
         judges=models["proposers"] or [models["aggregator"]],
-        aggregator=models["aggregator"] if aggregate else None,
-        mode=args.mode or defaults.mode,
+        aggregator=models["aggregator"] if aggregate and mode != "likelihood" else None,
+        mode=mode,
+        scoring="verdict" if mode == "likelihood" else args.scoring or defaults.scoring,
         swap=defaults.swap if args.swap is None else args.swap,
         criteria=criteria,
         # llama.cpp grammars make small local models give parseable verdicts
@@ -157,11 +169,21 @@ def check_label_flags(args: argparse.Namespace, defaults: Any) -> None:
     mode = args.mode or defaults.mode
     if args.swap is not None and mode != "pairwise":
         flag = "--swap" if args.swap else "--no-swap"
-        why = "--mode pointwise" if args.mode else f"the recipe judges {mode} by default"
+        why = f"--mode {mode}" if args.mode else f"the recipe judges {mode} by default"
         raise ConfigError(
             f"{flag} only applies to pairwise judging ({why}); pass --mode pairwise or "
             f"leave out {flag}"
         )
+    if mode == "likelihood":
+        given_flags = [("--aggregate", args.aggregate), ("--criteria", args.criteria),
+                       ("--scoring", args.scoring)]  # fmt: skip
+        for flag, given in given_flags:
+            if given:
+                why = "--mode likelihood" if args.mode else "the recipe judges by likelihood"
+                raise ConfigError(
+                    f"{flag} needs written verdicts, and likelihood judging has none ({why}); "
+                    f"pass --mode pointwise or pairwise, or leave out {flag}"
+                )
     if args.samples is not None and not args.policy:
         raise ConfigError(
             "--samples needs --policy: without a policy the candidates are each row's "
@@ -232,9 +254,16 @@ def register(sub: Any, add_model_options: Callable[[argparse.ArgumentParser], No
     )
     lab.add_argument(
         "--mode",
-        choices=["pairwise", "pointwise"],
-        help="judge pairs, or rate each candidate alone (default: the recipe's; local: "
-        "pointwise, others: pairwise)",
+        choices=["pairwise", "pointwise", "likelihood"],
+        help="judge pairs, rate each candidate alone, or score each by the judges' token "
+        "probabilities of writing it (local models only) (default: the recipe's, pairwise)",
+    )
+    lab.add_argument(
+        "--scoring",
+        choices=["verdict", "probability"],
+        help="pairwise/pointwise: count the written verdicts, or read the judges' token "
+        "probabilities at the verdict, P(A) vs P(B) or the expected rating, where the "
+        "server returns them (default: the recipe's; local: probability, others: verdict)",
     )
     lab.add_argument(
         "--swap",

@@ -13,6 +13,13 @@ Scoring, so results are easy to audit:
   (pair, judge) vote it took part in. (Not Bradley-Terry: win rates need no fitting and stay
   defined with few votes.)
 - pointwise: a candidate's score is the mean rating over the judges (1-10).
+- ``scoring="probability"`` reads the judges' token probabilities at the verdict instead of
+  the verdict alone (servers that return ``logprobs``: OpenAI, llama.cpp, vLLM): the
+  expected rating over the rating tokens, or the probability that the first answer wins
+  (``P(A) + P(C) / 2`` over A, B and C). A small model's written verdict is nearly constant
+  ("[[1]]" for every answer) while its probabilities still order the answers; AlpacaEval's
+  judges read logprobs for the same reason. A verdict without probabilities counts as
+  written (recorded in ``details["probability_fallbacks"]``).
 - With ``aggregator=`` a model, the judges' full outputs are injected into the aggregator's
   request as numbered references (the same `inject_references` the MoA engine uses) and the
   aggregator's verdict/rating is the one that counts; the judges' own verdicts stay in
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,12 +47,13 @@ from langchain_core.runnables import Runnable, RunnableConfig
 
 from langchain_moa import calls
 from langchain_moa.calls import CallResult, ModelCall, sum_usage
-from langchain_moa.errors import MoAError
-from langchain_moa.models import model_label, resolve_model
+from langchain_moa.errors import ConfigError, MoAError
+from langchain_moa.models import model_endpoint, model_label, resolve_model
 from langchain_moa.redaction import register_models
 from langchain_moa.references import inject_references
 
-Mode = Literal["pairwise", "pointwise"]
+Mode = Literal["pairwise", "pointwise", "likelihood"]
+Scoring = Literal["verdict", "probability"]
 
 PAIRWISE_INSTRUCTIONS = (
     "You are a careful, impartial reviewer. Below are a user's request and two candidate "
@@ -122,6 +131,81 @@ def parse_rating(text: str) -> float | None:
     return value if 1 <= value <= 10 else None
 
 
+def _logprob_tokens(message: Any) -> list[dict] | None:
+    """The answer's tokens with their ``top_logprobs`` (OpenAI's format), if returned."""
+    logprobs = (getattr(message, "response_metadata", None) or {}).get("logprobs")
+    tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+    return tokens if isinstance(tokens, list) and tokens else None
+
+
+def _verdict_index(tokens: Sequence[dict]) -> int | None:
+    """The index of the token that starts the last verdict (right after its ``[[``)."""
+    starts, text = [], ""
+    for token in tokens:
+        starts.append(len(text))
+        text += str(token.get("token", ""))
+    at = text.rfind("[[")
+    if at < 0:
+        return None
+    position = at + 2
+    while position < len(text) and text[position] == " ":
+        position += 1
+    return starts.index(position) if position in starts else None  # else: a merged token
+
+
+def _alternatives(token: dict) -> dict[str, float]:
+    """Probability per alternative at one position (the chosen token included), keyed by
+    the stripped token text (`` 5`` and ``5`` are the same verdict)."""
+    by_token: dict[str, float] = {}
+    for alternative in [token, *(token.get("top_logprobs") or [])]:
+        text, logprob = alternative.get("token"), alternative.get("logprob")
+        if isinstance(text, str) and isinstance(logprob, (int, float)) and math.isfinite(logprob):
+            by_token[text] = math.exp(logprob)
+    merged: dict[str, float] = {}
+    for text, probability in by_token.items():
+        merged[text.strip()] = merged.get(text.strip(), 0.0) + probability
+    return merged
+
+
+def expected_rating(tokens: Sequence[dict]) -> float | None:
+    """The expected 1-10 rating at the verdict's position, or None without probabilities.
+
+    A "10" is "1" then "0" in most vocabularies: when the chosen token is "1", the next
+    position's probability of "0" splits P("1") between 1 and 10.
+    """
+    index = _verdict_index(tokens)
+    if index is None:
+        return None
+    ratings: dict[int, float] = {}
+    for text, probability in _alternatives(tokens[index]).items():
+        if text.isdigit() and 1 <= int(text) <= 10:
+            ratings[int(text)] = ratings.get(int(text), 0.0) + probability
+    if ratings.get(1) and str(tokens[index].get("token", "")).strip() == "1":
+        if index + 1 < len(tokens):
+            ten = ratings[1] * _alternatives(tokens[index + 1]).get("0", 0.0)
+            ratings[1] -= ten
+            ratings[10] = ratings.get(10, 0.0) + ten
+    total = sum(ratings.values())
+    return sum(r * p for r, p in ratings.items()) / total if total > 0 else None
+
+
+def first_wins_probability(tokens: Sequence[dict]) -> float | None:
+    """P(the first answer wins) at the verdict's position: ``(P(A) + P(C) / 2) / (P(A) +
+    P(B) + P(C))``, or None without probabilities."""
+    index = _verdict_index(tokens)
+    if index is None:
+        return None
+    probs = _alternatives(tokens[index])
+    a, b, c = (probs.get(letter, 0.0) for letter in "ABC")
+    return (a + c / 2) / (a + b + c) if a + b + c > 0 else None
+
+
+def _takes_logprobs(model: Any) -> bool:
+    """Models with OpenAI's ``logprobs``/``top_logprobs`` request fields (bound or not)."""
+    fields = getattr(type(getattr(model, "bound", model)), "model_fields", {})
+    return "logprobs" in fields and "top_logprobs" in fields
+
+
 def _words(text: str) -> set[str]:
     return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 3 and w not in _STOPWORDS}
 
@@ -171,6 +255,10 @@ class _Request:
     messages: list[BaseMessage]
     raw: list[str] = field(default_factory=list)
     parsed: Any = None
+    soft: float | None = None
+    """With probability scoring: the expected rating, or P(first answer wins)."""
+    forced: str | None = None
+    """Likelihood mode: the candidate the judge's answer is forced to (its grammar)."""
     error: str | None = None
     usage: list[Any] = field(default_factory=list)
 
@@ -207,6 +295,9 @@ class PairwiseMode:
     def parse(self, text: str) -> str | None:
         return parse_pairwise(text)
 
+    def soft(self, tokens: Sequence[dict]) -> float | None:
+        return first_wins_probability(tokens)
+
     def describe_key(self, key: tuple) -> dict[str, Any]:
         """A request's key for records (one shape per mode, so tables type it once)."""
         _, i, j, order = key
@@ -220,7 +311,11 @@ class PairwiseMode:
             if request.parsed is None:
                 continue
             _, i, j, order = request.key
-            winner_first = {"A": 1.0, "B": 0.0, "C": 0.5}[request.parsed]
+            winner_first = (
+                request.soft
+                if request.soft is not None
+                else {"A": 1.0, "B": 0.0, "C": 0.5}[request.parsed]
+            )
             votes.setdefault((request.judge, i, j), []).append(
                 winner_first if order == 0 else 1.0 - winner_first
             )
@@ -248,6 +343,9 @@ class PointwiseMode:
     def parse(self, text: str) -> float | None:
         return parse_rating(text)
 
+    def soft(self, tokens: Sequence[dict]) -> float | None:
+        return expected_rating(tokens)
+
     def describe_key(self, key: tuple) -> dict[str, Any]:
         return {"candidate": key[1]}
 
@@ -255,13 +353,72 @@ class PointwiseMode:
         points: list[list[float]] = [[] for _ in range(n)]
         for request in deciding:
             if request.parsed is not None:
-                points[request.key[1]].append(float(request.parsed))
+                value = request.soft if request.soft is not None else request.parsed
+                points[request.key[1]].append(float(value))
         return points
+
+
+class LikelihoodMode(PointwiseMode):
+    """Every candidate alone, as the judge's own reply to the request; scores are the judge's
+    mean log-probability per token of writing it.
+
+    A small model cannot write a useful verdict, but the probability it gives an answer is
+    the signal evaluation harnesses score small models by (lm-eval's multiple-choice
+    log-likelihood): it prefers "Paris" to "Berlin" as the capital of France long before it
+    can explain why. The judge is asked the user's request with no instructions, and a
+    grammar forces its answer to be the candidate, token by token; llama.cpp reports each
+    token's probability before the grammar applies, which is what is scored. Per token, so a
+    longer answer is not penalised for its length alone. llama.cpp servers only (grammars).
+    """
+
+    name = "likelihood"
+    instructions = None
+    scoring = "mean token log-probability"
+    min_candidates = 1
+
+    def requests(self, prompt: str, candidates: Sequence[str], swap: bool) -> list[tuple]:
+        return [(("point", i), prompt) for i in range(len(candidates))]
+
+    def parse(self, text: str) -> float | None:  # scored from token probabilities instead
+        return None
+
+    def soft(self, tokens: Sequence[dict]) -> float | None:
+        return None
+
+
+def literal_grammar(text: str) -> str:
+    """A GBNF grammar whose only sentence is `text` (escaped as GBNF string literals want)."""
+    escaped = []
+    for char in text:
+        if char in '"\\':
+            escaped.append("\\" + char)
+        elif char == "\n":
+            escaped.append("\\n")
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            escaped.append(f"\\x{ord(char):02X}")
+        else:
+            escaped.append(char)
+    return 'root ::= "' + "".join(escaped) + '"'
+
+
+def answer_likelihood(message: Any, candidate: str) -> tuple[float | None, str | None]:
+    """(mean log-probability per token of `candidate`, None), or (None, why not)."""
+    if message.text != candidate:
+        return None, (
+            "the judge did not write the candidate back (likelihood needs a llama.cpp server, "
+            "which follows grammars, and enough max_tokens)"
+        )
+    tokens = _logprob_tokens(message)
+    values = [t.get("logprob") for t in tokens or []]
+    if not values or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        return None, "the judge returned no token log-probabilities (needs logprobs support)"
+    return sum(values) / len(values), None
 
 
 MODES: dict[str, PairwiseMode | PointwiseMode] = {
     "pairwise": PairwiseMode(),
     "pointwise": PointwiseMode(),
+    "likelihood": LikelihoodMode(),
 }
 
 
@@ -274,6 +431,26 @@ def _prompt_text(prompt: str | Sequence[BaseMessage] | Sequence[dict]) -> str:
         content = m.get("content") if isinstance(m, dict) else m.text
         lines.append(f"{role}: {content}")
     return "\n".join(lines)
+
+
+def _check_likelihood(grammar: bool, aggregator: Any, criteria: Any, scoring: str) -> None:
+    """Likelihood mode reads the judges' probabilities of each candidate, nothing else."""
+    if not grammar:
+        raise ConfigError(
+            "mode='likelihood' forces each judge's answer to the candidate with a llama.cpp "
+            "grammar: pass grammar=True (llama.cpp servers only, e.g. the embedded model)"
+        )
+    for name, value in (("aggregator", aggregator), ("criteria", criteria)):
+        if value:
+            raise ConfigError(
+                f"mode='likelihood' has no verdicts to aggregate or criteria to weigh: "
+                f"drop {name}= or use mode='pairwise' or 'pointwise'"
+            )
+    if scoring != "verdict":
+        raise ConfigError(
+            "mode='likelihood' always scores by token probabilities: drop scoring= (it "
+            "applies to pairwise and pointwise verdicts)"
+        )
 
 
 def _as_model(spec: Any, role: str) -> Any:
@@ -296,17 +473,43 @@ class MoAJudge:
         criteria_model: BaseChatModel | str | None = None,
         max_concurrency: int | None = None,
         grammar: bool = False,
+        scoring: Scoring = "verdict",
+        top_logprobs: int = 20,
     ) -> None:
-        """`grammar=True` constrains every judge answer with `VERDICT_GRAMMARS` (llama.cpp
-        servers only, e.g. the embedded local model)."""
+        """Build the judge.
+
+        Args:
+            judges: the judge models (chat models or ``init_chat_model`` strings).
+            aggregator: re-judges with the judges' reviews in view; its verdict counts.
+            mode: ``"pairwise"`` (win rates over every pair), ``"pointwise"`` (1-10) or
+                ``"likelihood"`` (the judges' mean token log-probability of each candidate;
+                needs ``grammar=True``; the embedded model's default, see `LikelihoodMode`).
+            swap: pairwise only: judge each pair in both orders (cancels position bias).
+            criteria: criteria to weigh, ``"dynamic"`` (written per prompt) or None.
+            criteria_model: writes dynamic criteria (default: the aggregator or judge 1).
+            max_concurrency: judge calls at once (default: ``config["max_concurrency"]``).
+            grammar: constrain every answer with `VERDICT_GRAMMARS` (llama.cpp servers
+                only, e.g. the embedded model), so even a 135M model gives a verdict.
+            scoring: ``"verdict"`` counts the written verdict; ``"probability"`` reads the
+                token probabilities at the verdict (see the module docstring) where the
+                model returns them (OpenAI-compatible models), the verdict elsewhere.
+            top_logprobs: alternatives asked for per token with ``"probability"`` (OpenAI
+                allows at most 20).
+        """
         if not judges:
             raise ValueError("MoAJudge needs at least one judge model: judges=[...]")
         if mode not in MODES:
-            raise ValueError(f"mode must be 'pairwise' or 'pointwise', got {mode!r}")
+            raise ValueError(f"mode must be 'pairwise', 'pointwise' or 'likelihood', got {mode!r}")
         if isinstance(criteria, str) and criteria != "dynamic":
             raise ValueError("criteria must be a list of strings, 'dynamic' or None")
+        if scoring not in ("verdict", "probability"):
+            raise ValueError(f"scoring must be 'verdict' or 'probability', got {scoring!r}")
+        if not isinstance(top_logprobs, int) or not 1 <= top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be an integer from 1 to 20, got {top_logprobs!r}")
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1 or None, got {max_concurrency!r}")
+        if mode == "likelihood":
+            _check_likelihood(grammar, aggregator, criteria, scoring)
         self.judges = [_as_model(j, f"judge {i + 1}") for i, j in enumerate(judges)]
         self.aggregator = _as_model(aggregator, "aggregator") if aggregator else None
         self.mode: Mode = mode
@@ -319,21 +522,37 @@ class MoAJudge:
         )
         self.max_concurrency = max_concurrency
         self.grammar = grammar
+        self.scoring: Scoring = scoring
+        self.top_logprobs = top_logprobs
         register_models([*self.judges, self.aggregator, self.criteria_model])
 
     def __repr__(self) -> str:
         names = ", ".join(model_label(j) for j in self.judges)
         agg = model_label(self.aggregator) if self.aggregator else None
-        return f"MoAJudge(judges=[{names}], aggregator={agg}, mode={self.mode!r}, swap={self.swap})"
+        return (
+            f"MoAJudge(judges=[{names}], aggregator={agg}, mode={self.mode!r}, "
+            f"swap={self.swap}, scoring={self.scoring!r})"
+        )
 
     @property
     def _mode(self) -> PairwiseMode | PointwiseMode:
         return MODES[self.mode]
 
+    def _scorers(self) -> list[int]:
+        """The judges asked in likelihood mode: one per distinct model and server. Greedy
+        forced answers ignore sampling settings, so the local recipe's three seeds of one
+        model would score every candidate three times alike."""
+        seen: dict[tuple, int] = {}
+        for k, judge in enumerate(self.judges):
+            base = getattr(judge, "bound", judge)
+            seen.setdefault((type(base).__name__, model_label(judge), model_endpoint(judge)), k)
+        return list(seen.values())
+
     def calls_for(self, candidates: int) -> int:
         """Model calls to rank `candidates` answers, first attempts only (for planning)."""
         per_judge = len(self._mode.requests("", [""] * candidates, self.swap))
-        total = per_judge * len(self.judges)
+        asked = len(self._scorers()) if self.mode == "likelihood" else len(self.judges)
+        total = per_judge * asked
         if self.aggregator is not None:
             total += per_judge
         return total + (1 if self.criteria == "dynamic" else 0)
@@ -350,6 +569,12 @@ class MoAJudge:
     def _requests(
         self, prompt: str, candidates: Sequence[str], criteria: list[str]
     ) -> list[_Request]:
+        if self.mode == "likelihood":
+            return [
+                _Request(k, key, [HumanMessage(body)], forced=candidates[key[1]])
+                for key, body in self._mode.requests(prompt, candidates, self.swap)
+                for k in self._scorers()
+            ]
         system = self._system(criteria)
         return [
             _Request(k, key, [SystemMessage(system), HumanMessage(body)])
@@ -374,8 +599,21 @@ class MoAJudge:
     def _call(self, request: _Request) -> ModelCall:
         """The call-layer request: hidden from message streams, named in errors."""
         model = self.aggregator if request.judge < 0 else self.judges[request.judge]
-        if self.grammar:
-            model = model.bind(extra_body={"grammar": VERDICT_GRAMMARS[self.mode]})  # type: ignore[union-attr]
+        options: dict[str, Any] = {}
+        if request.forced is not None:
+            # greedy, so the grammar's path is the tokenizer's usual split of the text; a
+            # token is at least one byte, so the cap never cuts the candidate off
+            options.update(
+                extra_body={"grammar": literal_grammar(request.forced)},
+                logprobs=True, top_logprobs=1, temperature=0,
+                max_tokens=len(request.forced.encode("utf-8")) + 16,
+            )  # fmt: skip
+        elif self.grammar:
+            options["extra_body"] = {"grammar": VERDICT_GRAMMARS[self.mode]}
+        if self.scoring == "probability" and _takes_logprobs(model):
+            options.update(logprobs=True, top_logprobs=self.top_logprobs)
+        if options:
+            model = model.bind(**options)  # type: ignore[union-attr]
         role = "judge aggregator" if request.judge < 0 else f"judge {request.judge + 1}"
         return ModelCall(
             model=model,
@@ -393,8 +631,15 @@ class MoAJudge:
         assert result.message is not None
         request.raw.append(result.message.text)
         request.usage.append(result.message.usage_metadata)
+        if request.forced is not None:
+            request.parsed, request.error = answer_likelihood(result.message, request.forced)
+            return
         request.parsed = self._mode.parse(result.message.text)
         request.error = None if request.parsed is not None else "unparseable verdict"
+        request.soft = None
+        if self.scoring == "probability" and request.parsed is not None:
+            tokens = _logprob_tokens(result.message)
+            request.soft = self._mode.soft(tokens) if tokens else None
 
     def _limit(self, config: RunnableConfig | None) -> int | None:
         return self.max_concurrency or (config or {}).get("max_concurrency")
@@ -485,7 +730,8 @@ class MoAJudge:
             )
             return {
                 "judge": judge, "model": model, "key": self._mode.describe_key(request.key),
-                "verdict": request.parsed, "raw": request.raw, "attempts": len(request.raw),
+                "verdict": request.parsed, "probability_score": request.soft,
+                "raw": request.raw, "attempts": len(request.raw),
                 "error": request.error, "abstained": request.parsed is None,
             }  # fmt: skip
 
@@ -497,7 +743,16 @@ class MoAJudge:
             details={
                 "mode": self.mode,
                 "swap": self.swap,
-                "scoring": self._mode.scoring,
+                "scoring": (
+                    f"{self._mode.scoring} (token probabilities)"
+                    if self.scoring == "probability"
+                    else self._mode.scoring
+                ),
+                "probability_fallbacks": (
+                    sum(r.parsed is not None and r.soft is None for r in deciding)
+                    if self.scoring == "probability"
+                    else 0
+                ),
                 "votes_per_candidate": [len(p) for p in points],
                 "unrated": [i for i, s in enumerate(scores) if s is None],
                 "verdicts": [describe(r) for r in requests],

@@ -344,9 +344,14 @@ class LabelSettings(BaseModel):
         extra="forbid", frozen=True, hide_input_in_errors=True, use_attribute_docstrings=True
     )
 
-    mode: Literal["pairwise", "pointwise"] = "pairwise"
+    mode: Literal["pairwise", "pointwise", "likelihood"] = "pairwise"
+    """``likelihood`` (each candidate scored by the judges' token probabilities of writing
+    it) needs local judges and ignores ``aggregate``."""
     samples: StrictInt = Field(default=5, ge=MIN_SAMPLES, le=MAX_SAMPLES)
     """Candidates sampled per prompt with --policy."""
+    scoring: Literal["verdict", "probability"] = "verdict"
+    """Pairwise and pointwise: count the written verdicts, or read the judges' token
+    probabilities at the verdict (servers that return logprobs)."""
     swap: StrictBool = True
     """Pairwise: judge each pair in both orders (cancels position bias)."""
     aggregate: StrictBool = True
@@ -555,9 +560,11 @@ RECIPES: dict[str, Recipe] = {
         aggregator=_local(0.3, 7, 512),
         layers=2,
         proposer_timeout=120,
-        # 4 samples rated alone by 3 judges: 16 calls per prompt instead of the 85 that
-        # 5 samples judged pairwise in both orders (+ aggregator) take; see docs/pipelines.md
-        label=LabelSettings(mode="pointwise", samples=4, aggregate=False),
+        # Pairwise in both orders, scored by P(A) vs P(B) at the verdict: on the shipped
+        # right/wrong pairs a 135M judge is right 98 % of the time this way, 90 % by its
+        # written verdicts, 50 % (chance) by pointwise ratings (docs/judge.md). 4 samples and
+        # no aggregator: 4 + 36 calls per prompt (85 with 5 samples and the aggregator).
+        label=LabelSettings(mode="pairwise", scoring="probability", samples=4, aggregate=False),
     ),
     "together-moa": _together_recipe(
         "together-moa",

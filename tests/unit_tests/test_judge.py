@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
@@ -12,7 +13,10 @@ from langchain_moa.judge import (
     AGGREGATOR_INSTRUCTIONS,
     JudgeError,
     MoAJudge,
+    expected_rating,
     filter_criteria,
+    first_wins_probability,
+    literal_grammar,
     parse_pairwise,
     parse_rating,
 )
@@ -236,3 +240,55 @@ def test_calls_for_plans_a_ranking() -> None:
     assert MoAJudge(judges=judges, swap=False).calls_for(5) == 30
     assert MoAJudge(judges=judges, mode="pointwise").calls_for(4) == 12
     assert MoAJudge(judges=judges, mode="pointwise", criteria="dynamic").calls_for(4) == 13
+
+
+# ------------------------------------------------------- token probabilities
+
+
+def _token(text: str, logprob: float, top: dict[str, float] | None = None) -> dict:
+    alternatives = [{"token": t, "logprob": lp} for t, lp in (top or {}).items()]
+    return {"token": text, "logprob": logprob, "top_logprobs": alternatives}
+
+
+def test_expected_rating_weighs_the_rating_tokens() -> None:
+    tokens = [_token("Rating: [[", -0.1), _token("3", -1.2, {"3": -1.2, "8": -0.5, "x": -3})]
+    p3, p8 = math.exp(-1.2), math.exp(-0.5)
+    assert expected_rating(tokens) == pytest.approx((3 * p3 + 8 * p8) / (p3 + p8))
+
+
+def test_expected_rating_splits_one_into_one_and_ten() -> None:
+    # "10" is "1" then "0": P("0") after the "1" moves that share of P("1") to 10
+    tokens = [
+        _token("[[", -0.1),
+        _token("1", math.log(0.6), {"1": math.log(0.6), "9": math.log(0.4)}),
+        _token("0", math.log(0.5), {"0": math.log(0.5), "]]": math.log(0.5)}),
+    ]
+    assert expected_rating(tokens) == pytest.approx(0.3 * 1 + 0.3 * 10 + 0.4 * 9)
+
+
+def test_verdict_probabilities_need_the_verdict_as_its_own_token() -> None:
+    assert expected_rating([_token("[[7]]", -0.1)]) is None  # merged: no position to read
+    assert first_wins_probability([_token("no verdict", -0.1)]) is None
+    tokens = [_token("[[ ", -0.1), _token("B", math.log(0.6), {"A": math.log(0.2),
+                                                               "C": math.log(0.2)})]  # fmt: skip
+    assert first_wins_probability(tokens) == pytest.approx((0.2 + 0.1) / 1.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "grammar"),
+    [
+        ("Paris.", 'root ::= "Paris."'),
+        ('say "hi"\\now', 'root ::= "say \\"hi\\"\\\\now"'),
+        ("two\nlines\ttab", 'root ::= "two\\nlines\\x09tab"'),
+        ("Zürich ✓", 'root ::= "Zürich ✓"'),
+    ],
+)
+def test_literal_grammar_escapes_what_gbnf_needs(text, grammar) -> None:
+    assert literal_grammar(text) == grammar
+
+
+def test_likelihood_rank_on_fake_judges_needs_grammars_and_logprobs() -> None:
+    # a fake model neither follows grammars nor returns logprobs: every request abstains
+    judge = MoAJudge([fake("Paris.")], mode="likelihood", grammar=True)
+    with pytest.raises(JudgeError, match="no token log-probabilities"):
+        judge.rank("Capital of France?", ["Paris.", "Berlin."])
