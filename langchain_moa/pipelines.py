@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import os
 import sys
 import threading
@@ -213,31 +212,9 @@ def resolve_input(source: str | Path) -> Path:
 
 def _from_hub(repo_id: str, filename: str) -> Path:
     """Download (or reuse the cached copy of) a dataset file; one quick try when offline."""
-    import httpx
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from langchain_moa.hub import hub_file
 
-    try:  # huggingface_hub retries an unreachable host for ~25 s; one probe says it at once
-        httpx.head(constants.ENDPOINT, timeout=5.0)
-    except httpx.HTTPError as exc:
-        cached = try_to_load_from_cache(repo_id, filename, repo_type="dataset")
-        if isinstance(cached, str):
-            return Path(cached)
-        raise ConfigError(
-            f"cannot reach {constants.ENDPOINT} to fetch {filename} from dataset {repo_id} "
-            f"({type(exc).__name__}) and it is not cached; check the network or use a local file"
-        ) from None
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)  # its retry warnings would reach the user twice
-    try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset"))
-    except Exception as exc:
-        raise ConfigError(
-            f"cannot fetch {filename} from dataset {repo_id}: {type(exc).__name__}: "
-            f"{one_line(str(exc), limit=300)}"
-        ) from None
-    finally:
-        hub_logger.setLevel(level)
+    return hub_file(repo_id, filename, repo_type="dataset", fix="use a local file")
 
 
 # Roles a pipeline row can hold: plain conversations. A tool result needs the assistant's
