@@ -90,14 +90,16 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from langchain_moa.chat_model import ChatMoA
-    from langchain_moa.pipelines import agenerate
+    from langchain_moa.pipelines import agenerate, check_system
 
     options = _run_options(args)  # flags first: a bad --shard costs no model start
+    check_system(args.system)
     kwargs = _recipe_models(args)
     kwargs.pop("all_local")
     kwargs.pop("label", None)
     moa = ChatMoA(**kwargs)
-    return _run_and_report(agenerate(args.input, args.output, moa, **options), args.output)
+    run = agenerate(args.input, args.output, moa, system=args.system, **options)
+    return _run_and_report(run, args.output)
 
 
 def cmd_label(args: argparse.Namespace) -> int:
@@ -134,7 +136,10 @@ def cmd_label(args: argparse.Namespace) -> int:
     )
     policy = build_policy(args.policy) if args.policy else None
     samples = args.samples or defaults.samples
-    run = alabel(args.input, args.output, judge, policy=policy, samples=samples, **options)
+    run = alabel(
+        args.input, args.output, judge, policy=policy, samples=samples,
+        temperature=args.policy_temperature, system=args.system, **options,
+    )  # fmt: skip
     return _run_and_report(run, args.output)
 
 
@@ -166,6 +171,8 @@ def _run_and_report(run: Any, output: str) -> int:
 
 def check_label_flags(args: argparse.Namespace, defaults: Any) -> None:
     """Refuse flags that would be silently ignored (one line, exit 2)."""
+    from langchain_moa.pipelines import check_policy_options
+
     mode = args.mode or defaults.mode
     if args.swap is not None and mode != "pairwise":
         flag = "--swap" if args.swap else "--no-swap"
@@ -189,12 +196,19 @@ def check_label_flags(args: argparse.Namespace, defaults: Any) -> None:
             "--samples needs --policy: without a policy the candidates are each row's "
             "'responses', so there is nothing to sample"
         )
+    check_policy_options(bool(args.policy), temperature=args.policy_temperature, system=args.system)
 
 
 def _positive(value: str) -> int:
     from langchain_moa.cli import _positive as positive
 
     return positive(value)
+
+
+def _temperature(value: str) -> float:
+    from langchain_moa.cli import _temperature as temperature
+
+    return temperature(value)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -229,6 +243,14 @@ def register(sub: Any, add_model_options: Callable[[argparse.ArgumentParser], No
     gen.add_argument("output", help="JSONL file to append to (re-runs skip rows already there)")
     add_model_options(gen)
     add_sampling_options(gen, system=False)
+    gen.add_argument(
+        "--system", metavar="TEXT",
+        help="a system message put first in every row's conversation that has none (a row "
+        "with its own keeps it): the proposers and the aggregator see it, so the drafts and "
+        "the answer follow it, and OUT records it; it is part of the row's content, so a "
+        "rerun with another --system answers rows without an id again and reports those "
+        "with one as changed (default: none)",
+    )  # fmt: skip
     add_run_shape_options(gen)
     _add_run_options(gen)
     gen.set_defaults(func=cmd_generate)
@@ -252,6 +274,19 @@ def register(sub: Any, add_model_options: Callable[[argparse.ArgumentParser], No
         help="candidates sampled per prompt with --policy (default: the recipe's; local: 4, "
         "others: 5)",
     )
+    lab.add_argument(
+        "--temperature", type=_temperature, metavar="T", dest="policy_temperature",
+        help="with --policy: the temperature, 0 to 2, every candidate is sampled at (each "
+        "with its own seed); the judges keep the recipe's (default: spread from 0.6 to 1.2 "
+        "across the samples)",
+    )  # fmt: skip
+    lab.add_argument(
+        "--system", metavar="TEXT",
+        help="with --policy: a system message put first in the conversation of every row "
+        "the policy samples for that has none (rows with their own, or with 'responses', "
+        "keep theirs): the policy answers under it, the judges see it as part of the "
+        "conversation, the row's prompt records it (default: none)",
+    )  # fmt: skip
     lab.add_argument(
         "--mode",
         choices=["pairwise", "pointwise", "likelihood"],

@@ -125,20 +125,13 @@ def resolve_model_path(model: str | None = None) -> Path:
             f"file like 'owner/repo:file.gguf', or 'smollm2'"
         )
     repo_id, filename = spec
-    try:
-        from huggingface_hub import hf_hub_download
+    from langchain_moa.hub import hub_file
 
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename))
-    except Exception as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        hint = (
-            "you are offline (HF_HUB_OFFLINE) and it is not in the Hugging Face cache; "
-            "download it once while online with `hf download "
-            f"{repo_id} {filename}`"
-            if offline
-            else f"download failed ({type(exc).__name__}); check the repo and file name"
-        )
-        raise LocalModelNotFoundError(f"cannot get {repo_id}/{filename}: {hint}") from None
+    return hub_file(
+        repo_id, filename, error=LocalModelNotFoundError,
+        fix=f"fetch it ahead with `hf download {repo_id} {filename}`, or give a local .gguf "
+        "path",
+    )  # fmt: skip
 
 
 def pull_bundled_model(force: bool = False) -> Path:

@@ -7,9 +7,10 @@ whose rows hold a ``prompt`` string or a ``messages`` list, plus an optional ``i
 for `label`, optional ``responses`` to rank).
 
 Exactly once: a row's identity is its ``id``, else a hash of its content (the conversation,
-plus ``responses`` for `label`), so editing, reordering or appending to the input never
-skips or repeats a prompt. An ``id`` marks its row done: a row whose id is in OUT is
-skipped even when its content was edited since, and the summary says so (``changed``).
+with a run-wide ``system`` message where it applies, plus ``responses`` for `label`), so
+editing, reordering or appending to the input never skips or repeats a prompt. An ``id``
+marks its row done: a row whose id is in OUT is skipped even when its content was edited
+since, and the summary says so (``changed``).
 Each finished row is appended to OUT as one line, flushed and fsynced; a re-run first
 drops a torn last line (a kill mid-write), then skips every row whose identity is already
 there. An exclusive lock (``OUT.lock``) keeps a second run off the same OUT. Content that
@@ -30,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import os
 import sys
 import threading
@@ -213,31 +213,9 @@ def resolve_input(source: str | Path) -> Path:
 
 def _from_hub(repo_id: str, filename: str) -> Path:
     """Download (or reuse the cached copy of) a dataset file; one quick try when offline."""
-    import httpx
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from langchain_moa.hub import hub_file
 
-    try:  # huggingface_hub retries an unreachable host for ~25 s; one probe says it at once
-        httpx.head(constants.ENDPOINT, timeout=5.0)
-    except httpx.HTTPError as exc:
-        cached = try_to_load_from_cache(repo_id, filename, repo_type="dataset")
-        if isinstance(cached, str):
-            return Path(cached)
-        raise ConfigError(
-            f"cannot reach {constants.ENDPOINT} to fetch {filename} from dataset {repo_id} "
-            f"({type(exc).__name__}) and it is not cached; check the network or use a local file"
-        ) from None
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)  # its retry warnings would reach the user twice
-    try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset"))
-    except Exception as exc:
-        raise ConfigError(
-            f"cannot fetch {filename} from dataset {repo_id}: {type(exc).__name__}: "
-            f"{one_line(str(exc), limit=300)}"
-        ) from None
-    finally:
-        hub_logger.setLevel(level)
+    return hub_file(repo_id, filename, repo_type="dataset", fix="use a local file")
 
 
 # Roles a pipeline row can hold: plain conversations. A tool result needs the assistant's
@@ -315,6 +293,19 @@ def _unicode_error(
     )
 
 
+def _has_system(messages: list[dict[str, Any]]) -> bool:
+    return any(m["role"] in _SYSTEM_ROLES for m in messages)
+
+
+_SYSTEM_ROLES = ("system", "developer")
+
+
+def check_system(system: str | None) -> None:
+    """A run-wide system message is a non-empty string (or None)."""
+    if system is not None and (not isinstance(system, str) or not system.strip()):
+        raise ConfigError("--system is empty; give the system message's text or leave it out")
+
+
 @dataclass
 class _Parsed:
     explicit_id: str | None
@@ -324,7 +315,9 @@ class _Parsed:
     content: str
 
 
-def _parse_line(raw: bytes, *, first: bool, with_responses: bool) -> _Parsed:
+def _parse_line(
+    raw: bytes, *, first: bool, with_responses: bool, system: str | None = None
+) -> _Parsed:
     """One input line, checked as far as a model call or OUT would need (ValueError if not)."""
     try:
         text = raw.decode("utf-8-sig" if first else "utf-8")
@@ -348,6 +341,8 @@ def _parse_line(raw: bytes, *, first: bool, with_responses: bool) -> _Parsed:
         row_id = _explicit_id(data)
     except RecursionError:
         raise ValueError("nested too deeply to use") from None
+    if system is not None and not responses and not _has_system(messages):
+        prompt, messages = None, [{"role": "system", "content": system}, *messages]
     try:
         content = content_id(messages, responses)
     except UnicodeEncodeError as exc:
@@ -363,7 +358,11 @@ def _parse_line(raw: bytes, *, first: bool, with_responses: bool) -> _Parsed:
 
 
 def read_rows(
-    path: Path, *, with_responses: bool = False, keep_duplicates: bool = False
+    path: Path,
+    *,
+    with_responses: bool = False,
+    keep_duplicates: bool = False,
+    system: str | None = None,
 ) -> tuple[list[InputRow], list[dict[str, Any]]]:
     """Parse the input JSONL: (usable rows, problems with their line numbers).
 
@@ -371,6 +370,8 @@ def read_rows(
     row) or ``duplicate`` (same content as an earlier row; with `keep_duplicates` each copy
     is a row of its own instead, id ``sha256:...#2`` for the second copy and so on).
     `with_responses` reads ``responses`` and makes them part of a row's identity (`label`).
+    `system` is put first in the conversation of every row that has no system message and
+    no ``responses``, before its identity is computed: it is part of the row's content.
     Lines are read as bytes and decoded one by one, so no line can stop the others.
     """
     rows: list[InputRow] = []
@@ -382,7 +383,9 @@ def read_rows(
             if not raw.strip():
                 continue
             try:
-                parsed = _parse_line(raw, first=line_no == 1, with_responses=with_responses)
+                parsed = _parse_line(
+                    raw, first=line_no == 1, with_responses=with_responses, system=system
+                )
             except ValueError as exc:
                 problems.append(_problem(line_no, None, "malformed", str(exc)))
                 continue
@@ -894,10 +897,19 @@ async def agenerate(
     shard: str | tuple[int, int] | None = None,
     keep_duplicates: bool = False,
     push_to_hub: str | None = None,
+    system: str | None = None,
 ) -> RunSummary:
-    """For every input prompt, the MoA answer as a TRL SFT row."""
+    """For every input prompt, the MoA answer as a TRL SFT row.
+
+    `system` is put first in every row's conversation that has no system message of its
+    own (a row with one keeps it): the MoA answers under it and the row in OUT records it.
+    It is part of the row's content, so of its identity: rerun with another `system`, a row
+    without an ``id`` is new content (answered again), one with an ``id`` is reported as
+    changed.
+    """
+    check_system(system)
     source = resolve_input(input)
-    rows, problems = read_rows(source, keep_duplicates=keep_duplicates)
+    rows, problems = read_rows(source, keep_duplicates=keep_duplicates, system=system)
 
     async def worker(row: InputRow) -> dict[str, Any]:
         message = await moa.ainvoke(convert_to_messages(row.messages))
@@ -926,14 +938,25 @@ def _shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
     return parse_shard(shard) if isinstance(shard, str) else shard
 
 
-def _sample_calls(policy: Any, messages: list[dict[str, Any]], samples: int) -> list[ModelCall]:
-    """One hidden call per sample: `policy` at spread temperatures (0.6-1.2), distinct seeds."""
+SAMPLE_TEMPERATURES = (0.6, 1.2)
+"""Without a temperature, sample i of n is drawn at one spread evenly over this range."""
+
+
+def _sample_calls(
+    policy: Any, messages: list[dict[str, Any]], samples: int, temperature: float | None = None
+) -> list[ModelCall]:
+    """One hidden call per sample: `policy` at `temperature` (default: spread over
+    `SAMPLE_TEMPERATURES`), each sample with its own seed."""
     conversation = convert_to_messages(messages)
+    low, high = SAMPLE_TEMPERATURES
     found = []
     for i in range(samples):
-        temperature = round(0.6 + 0.6 * i / max(1, samples - 1), 2)
+        if temperature is None:
+            at = round(low + (high - low) * i / max(1, samples - 1), 2)
+        else:
+            at = temperature
         try:
-            model = policy.bind(temperature=temperature, seed=1000 + i)
+            model = policy.bind(temperature=at, seed=1000 + i)
         except Exception:  # a model without those options still gives samples
             model = policy
         found.append(
@@ -958,17 +981,49 @@ def _answers(results: list[CallResult]) -> list[str]:
 
 
 async def sample_candidates(
-    policy: Any, messages: list[dict[str, Any]], samples: int, config: RunnableConfig | None = None
+    policy: Any,
+    messages: list[dict[str, Any]],
+    samples: int,
+    config: RunnableConfig | None = None,
+    *,
+    temperature: float | None = None,
 ) -> list[str]:
-    """`samples` answers from `policy`, concurrently (non-empty ones only)."""
-    return _answers(await calls.arun_all(_sample_calls(policy, messages, samples), config))
+    """`samples` answers from `policy`, concurrently (non-empty ones only), at `temperature`
+    (default: spread over `SAMPLE_TEMPERATURES`)."""
+    found = _sample_calls(policy, messages, samples, temperature)
+    return _answers(await calls.arun_all(found, config))
 
 
 def sample_candidates_sync(
-    policy: Any, messages: list[dict[str, Any]], samples: int, config: RunnableConfig | None = None
+    policy: Any,
+    messages: list[dict[str, Any]],
+    samples: int,
+    config: RunnableConfig | None = None,
+    *,
+    temperature: float | None = None,
 ) -> list[str]:
     """Sync `sample_candidates`: threads, never a fresh event loop per call."""
-    return _answers(calls.run_all(_sample_calls(policy, messages, samples), config))
+    return _answers(calls.run_all(_sample_calls(policy, messages, samples, temperature), config))
+
+
+def check_policy_options(
+    has_policy: bool, *, temperature: float | None = None, system: str | None = None
+) -> None:
+    """Refuse the options that only shape sampled candidates when nothing is sampled."""
+    check_system(system)
+    if has_policy:
+        return
+    if temperature is not None:
+        raise ConfigError(
+            "--temperature needs --policy: it is the temperature candidates are sampled at, "
+            "and without a policy the candidates are each row's 'responses'"
+        )
+    if system is not None:
+        raise ConfigError(
+            "--system needs --policy: it is sent to the policy that samples the candidates, "
+            "and each row's 'responses' were written without it (to show the judges a system "
+            "message, put it in the rows' 'messages')"
+        )
 
 
 async def alabel(
@@ -983,8 +1038,20 @@ async def alabel(
     shard: str | tuple[int, int] | None = None,
     keep_duplicates: bool = False,
     push_to_hub: str | None = None,
+    temperature: float | None = None,
+    system: str | None = None,
 ) -> RunSummary:
-    """For every prompt, candidates ranked by `judge`, as a conversational TRL DPO row."""
+    """For every prompt, candidates ranked by `judge`, as a conversational TRL DPO row.
+
+    With a `policy`, rows without ``responses`` get `samples` candidates from it, drawn at
+    `temperature` (default: spread from 0.6 to 1.2) with a seed each; the judges keep their
+    own temperatures. `system` (needs a `policy`) is put first in the conversation of every
+    row the policy samples for that has no system message of its own: the policy answers
+    under it, the judges see it as part of the conversation, the row's ``prompt`` records
+    it, and it is part of the row's identity (as for `agenerate`). Rows that bring
+    ``responses`` are ranked as they are.
+    """
+    check_policy_options(policy is not None, temperature=temperature, system=system)
     if samples < 2:
         raise ConfigError("--samples must be at least 2 (a preference pair needs two answers)")
     if samples > MAX_SAMPLES:
@@ -993,7 +1060,9 @@ async def alabel(
             "calls per judge and prompt)"
         )
     source = resolve_input(input)
-    rows, problems = read_rows(source, with_responses=True, keep_duplicates=keep_duplicates)
+    rows, problems = read_rows(
+        source, with_responses=True, keep_duplicates=keep_duplicates, system=system
+    )
     if policy is None:
         missing = [r for r in rows if not r.responses]
         if missing:
@@ -1003,7 +1072,9 @@ async def alabel(
             )
 
     async def worker(row: InputRow) -> dict[str, Any]:
-        candidates = row.responses or await sample_candidates(policy, row.messages, samples)
+        candidates = row.responses or await sample_candidates(
+            policy, row.messages, samples, temperature=temperature
+        )
         if len(candidates) < 2:
             raise ValueError(f"only {len(candidates)} non-empty candidate(s); need 2")
         result = await judge.arank(row.prompt or row.messages, candidates)

@@ -267,3 +267,110 @@ def test_hostile_lines_are_reported_and_never_sent(
     errors = [json.loads(line) for line in (tmp_path / "out.jsonl.errors.jsonl").read_text(
         encoding="utf-8").splitlines()]  # fmt: skip
     assert [(e["line"], e["kind"]) for e in errors] == [(n, "malformed") for n in (2, 3, 4, 5)]
+
+
+# ------------------------------------------------------- --system and --temperature
+
+
+def sent_system(request) -> str | None:
+    """The system message a request opened with (None when it had none)."""
+    first = request.messages[0]
+    return first["content"] if first["role"] == "system" else None
+
+
+def test_generate_system_reaches_every_model_and_is_part_of_the_row(
+    tmp_path: Path, server: ScriptedOpenAIServer
+) -> None:
+    cfg = config(tmp_path, server, ["p1", "p2"], "agg")
+    source = tmp_path / "in.jsonl"
+    own = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "own"}]
+    source.write_text(
+        json.dumps({"prompt": "plain"}) + "\n"
+        + json.dumps({"id": "q", "prompt": "with id"}) + "\n"
+        + json.dumps({"messages": own}) + "\n"
+    )  # fmt: skip
+    out = tmp_path / "out.jsonl"
+
+    def run(system: str) -> tuple[int, str]:
+        args = ["generate", str(source), str(out), "--config", str(cfg), "--system", system]
+        return finish(moa_cli(*args))
+
+    code, err = run("Answer in French.")
+    assert code == 0, err
+    for request in server.requests:  # drafts and the answer were made under it
+        asked = request.messages[-1]["content"]
+        expected = "Be terse." if asked == "own" else "Answer in French."
+        assert sent_system(request) is not None
+        assert sent_system(request).startswith(expected), (request.model, request.messages)
+    by_question = {r["messages"][-2]["content"]: r for r in rows(out)}
+    assert by_question["plain"]["messages"][:2] == [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "plain"},
+    ]
+    assert by_question["own"]["messages"][:2] == own  # a row's own system message is kept
+
+    server.reset()
+    code, err = run("Answer in French.")  # the same run again: nothing to do
+    assert code == 0 and "3 already done, 0 written" in err, err
+    assert server.requests == []
+
+    code, err = run("Answer in German.")  # another system message: another conversation
+    assert code == 0, err
+    summary = "read 3 rows: 2 already done (1 with changed content under the same id), 1 written"
+    assert summary in err
+    assert "not redone although the input changed under an id already in" in err and "(q)" in err
+    assert sorted(answered(server)) == ["plain"]  # not skipped as done under French
+    assert {sent_system(r).split("\n")[0] for r in server.requests} == {"Answer in German."}
+    assert len(rows(out)) == 4
+
+
+def policy_reply(body: dict) -> str:
+    return "x" * (body["seed"] - 995)  # each sample its own length: 5, 6, 7 ...
+
+
+@pytest.fixture
+def policy_env(server: ScriptedOpenAIServer) -> dict[str, str]:
+    server.set_script("pol", ModelScript(reply=policy_reply))
+    return {"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-scripted-test"}
+
+
+def test_label_policy_samples_at_temperature_under_the_system_message(
+    tmp_path: Path, server: ScriptedOpenAIServer, policy_env: dict[str, str]
+) -> None:
+    cfg = config(tmp_path, server, ["j1", "j2"], "j1")
+    source = write_prompts(tmp_path / "in.jsonl", ["Why is the sky blue?"])
+    out = tmp_path / "dpo.jsonl"
+    args = ["label", str(source), str(out), "--config", str(cfg), "--policy", "openai:pol",
+            "--samples", "3", "--temperature", "0.35", "--system", "Answer in French."]  # fmt: skip
+    code, err = finish(moa_cli(*args, env=policy_env))
+    assert code == 0, err
+    sampled = server.requests_for("pol")
+    assert [r.body["temperature"] for r in sampled] == [0.35, 0.35, 0.35]
+    assert sorted(r.body["seed"] for r in sampled) == [1000, 1001, 1002]
+    assert {sent_system(r) for r in sampled} == {"Answer in French."}
+    judged = server.requests_for("j1") + server.requests_for("j2")
+    assert judged and all(
+        "system: Answer in French.\nuser: Why is the sky blue?" in r.messages[-1]["content"]
+        for r in judged
+    )  # the judges see the conversation the candidates answered
+    assert {r.body.get("temperature") for r in judged} != {0.35}  # judges keep theirs
+    (row,) = rows(out)
+    assert row["prompt"] == [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ]
+    assert row["chosen"] == [{"role": "assistant", "content": "x" * 7}]
+
+
+def test_label_policy_default_temperatures_are_spread(
+    tmp_path: Path, server: ScriptedOpenAIServer, policy_env: dict[str, str]
+) -> None:
+    cfg = config(tmp_path, server, ["j1"], "j1")
+    source = write_prompts(tmp_path / "in.jsonl", ["q"])
+    args = ["label", str(source), str(tmp_path / "dpo.jsonl"), "--config", str(cfg),
+            "--policy", "openai:pol", "--samples", "3"]  # fmt: skip
+    code, err = finish(moa_cli(*args, env=policy_env))
+    assert code == 0, err
+    sampled = sorted(server.requests_for("pol"), key=lambda r: r.body["seed"])
+    assert [r.body["temperature"] for r in sampled] == [0.6, 0.9, 1.2]
+    assert all(sent_system(r) is None for r in sampled)

@@ -971,6 +971,9 @@ def test_show_proposals_with_one_layer_is_refused(capsys) -> None:
             ["--mode", "likelihood", "--recipe", "together-moa-lite"],
             "--mode likelihood reads llama.cpp grammars and token probabilities",
         ),
+        (["--temperature", "0.5"], "--temperature needs --policy"),
+        (["--system", "Be brief."], "--system needs --policy"),
+        (["--policy", "local", "--system", " "], "--system is empty"),
     ],
 )
 def test_label_flags_that_would_be_ignored_are_refused(flags, fragment, tmp_path, capsys):

@@ -79,11 +79,14 @@ def test_hf_file_offline_without_cache(isolated: Path, monkeypatch) -> None:
     assert "offline" in message and "someone/tiny-models" in message and "\n" not in message
 
 
-def test_hf_file_uses_hf_hub_download(isolated: Path, monkeypatch) -> None:
+def test_hf_file_uses_hf_hub_download(isolated: Path, monkeypatch, fake_hub) -> None:
     target = gguf(isolated / "hf" / "tiny.gguf")
     calls = []
+    import huggingface_hub.constants as constants
 
-    def fake_download(repo_id: str, filename: str) -> str:
+    monkeypatch.setattr(constants, "ENDPOINT", fake_hub.url)  # reachable: no cache lookup
+
+    def fake_download(repo_id: str, filename: str, repo_type: str | None = None) -> str:
         calls.append((repo_id, filename))
         return str(target)
 

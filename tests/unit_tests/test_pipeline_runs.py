@@ -653,3 +653,81 @@ def test_label_reports_responses_edited_under_a_done_id(tmp_path: Path) -> None:
     out2 = tmp_path / "dpo2.jsonl"
     label(sampled, out2, judge, policy=policy, samples=2)
     assert label(sampled, out2, judge, policy=policy, samples=2).changed == []
+
+
+# ------------------------------------------------------- a run-wide system message
+
+
+def test_system_is_part_of_each_rows_content(tmp_path: Path) -> None:
+    """The run's system message goes first where a row has none; it is the row's content."""
+    own = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "b"}]
+    sent = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "a"}]
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"messages": own},
+                                                 {"messages": sent}])  # fmt: skip
+    out = tmp_path / "out.jsonl"
+    recorder = Recorder()
+    summary = generate(source, out, recorder.moa, system="Be kind.")
+    # "a" under the run's system message is the conversation line 3 spells out
+    assert (summary.written, summary.duplicates) == (2, 1)
+    systems = [m[0].text for m in recorder.aggregator.calls]
+    assert sorted(s.split("\n")[0] for s in systems) == ["Be kind.", "Be terse."]
+    stored = {r["messages"][-2]["content"]: r for r in read_jsonl(out)}
+    assert stored["a"]["id"] == content_id(sent)
+    assert stored["b"]["messages"][:2] == own and stored["b"]["id"] == content_id(own)
+    # without it, "a" is another conversation: answered, never skipped as done
+    again = Recorder()
+    summary = generate(source, out, again.moa)
+    assert again.answered == ["a"] and summary.skipped == 2
+
+
+def test_label_system_and_temperature_shape_the_policys_samples(tmp_path: Path) -> None:
+    policy = ScriptedChatModel(reply=lambda m: "s" * (len(policy.calls) % 3 + 1))
+    seen = []
+    bind = policy.bind
+
+    def recording_bind(**kwargs):
+        seen.append(kwargs)
+        return bind(**kwargs)
+
+    object.__setattr__(policy, "bind", recording_bind)
+
+    def longer_is_better(messages) -> str:
+        return f"Rating: [[{min(10, len(messages[-1].text.split('[Answer]')[1]))}]]"
+
+    judge = MoAJudge(judges=[ScriptedChatModel(reply=longer_is_better)], mode="pointwise")
+    source = write_jsonl(tmp_path / "in.jsonl", [
+        {"prompt": "q"}, {"prompt": "given", "responses": ["x", "yy"]},
+    ])  # fmt: skip
+    out = tmp_path / "dpo.jsonl"
+    label(source, out, judge, policy=policy, samples=2, temperature=0.25, system="Be kind.")
+    assert [k["temperature"] for k in seen] == [0.25, 0.25]
+    assert [m[0].text for m in policy.calls] == ["Be kind.", "Be kind."]
+    prompts_stored = [r["prompt"] for r in read_jsonl(out)]
+    assert [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "q"}] in (
+        prompts_stored
+    )
+    assert [{"role": "user", "content": "given"}] in prompts_stored  # ranked as it was
+    judged = "\n".join(m[-1].text for m in judge.judges[0].calls)
+    assert "system: Be kind.\nuser: q" in judged  # the judges see the whole conversation
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"temperature": 0.5}, "--temperature needs --policy"),
+        ({"system": "Be kind."}, "--system needs --policy"),
+    ],
+)
+def test_label_sampling_options_without_a_policy_are_refused(
+    tmp_path: Path, options: dict, fragment: str
+) -> None:
+    judge = MoAJudge(judges=[ScriptedChatModel(reply="[[A]]")], swap=False)
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "q", "responses": ["a", "b"]}])
+    with pytest.raises(ConfigError, match=fragment):
+        label(source, tmp_path / "out.jsonl", judge, **options)
+
+
+def test_an_empty_system_message_is_refused(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", prompts("q"))
+    with pytest.raises(ConfigError, match="--system is empty"):
+        generate(source, tmp_path / "out.jsonl", Recorder().moa, system="  ")

@@ -218,7 +218,8 @@ def test_hf_input_with_the_hub_unreachable_fails_at_once(tmp_path: Path, monkeyp
         generate("hf://datasets/org/prompts/train.jsonl", tmp_path / "o.jsonl", echo_moa())
     assert time.monotonic() - started < 5  # not huggingface_hub's 25 s of retries
     assert "cannot reach http://127.0.0.1:" in str(info.value)
-    assert "not cached; check the network or use a local file" in str(info.value)
+    assert "not in the Hugging Face cache; check the network" in str(info.value)
+    assert str(info.value).endswith("or use a local file")
 
 
 def test_hf_dataset_input(tmp_path: Path, monkeypatch, hub_endpoint: str) -> None:
