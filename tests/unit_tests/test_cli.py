@@ -475,6 +475,16 @@ def test_user_errors_are_one_line_without_traceback(argv, fragment, monkeypatch,
     assert fragment in one_error_line(captured) and captured.out == ""
 
 
+@pytest.mark.parametrize("prompt", ["", "  ", "\n\t"])
+def test_an_empty_prompt_is_refused_before_any_model_is_built(prompt, monkeypatch, capsys):
+    """Building the default (local) MoA starts llama.cpp: a typo must not cost that."""
+    built = []
+    monkeypatch.setattr(cli, "build_chat_moa", lambda args: built.append(args) or make_moa())
+    assert cli.main(["chat", prompt]) == cli.EXIT_USER_ERROR
+    assert "the prompt is empty" in one_error_line(capsys.readouterr())
+    assert built == []
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
