@@ -6,10 +6,12 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langchain_openai import ChatOpenAI
@@ -878,35 +880,46 @@ class Tty(io.StringIO):
         return True
 
 
-def test_ctrl_c_during_an_answer_cancels_only_that_turn(monkeypatch, capsys) -> None:
-    import os
-    import signal
-    import threading
+class CtrlCWhenAsked(ScriptedChatModel):
+    """Presses Ctrl-C (SIGINT to this process) once its first request has arrived.
 
-    slow = ScriptedChatModel(model_name="slow", reply="draft")
+    The press lands while that request is in flight (its `delay` has begun), whatever the
+    machine's speed: no timer racing the turn.
+    """
+
+    def _record(self, messages: list[Any], kwargs: dict[str, Any]) -> int:
+        number = super()._record(messages, kwargs)
+        if number == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return number
+
+
+def test_ctrl_c_during_an_answer_cancels_only_that_turn(monkeypatch, capsys) -> None:
+    # the first turn would take 30 s (the test would fail after them): Ctrl-C cancels it
+    slow = CtrlCWhenAsked(model_name="slow", reply="draft", delay=30)
     moa = ChatMoA(proposers=[slow], aggregator=ScriptedChatModel(reply=lambda m: f"{len(m)}"))
     monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
-    monkeypatch.setattr("sys.stdin", Tty("first\nsecond\n"))
-    slow.delay = 30  # the first turn would take 30 s: Ctrl-C after 0.3 s
-    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
-    timer.start()
 
-    def fast_after_first(messages):
-        slow.delay = 0
-        return "draft"
+    class User(Tty):
+        """Types "second" after the first turn was cancelled; it is answered at once."""
 
+        def readline(self, *args: Any) -> str:
+            line = super().readline(*args)
+            if line == "second\n":
+                slow.delay = 0
+            return line
+
+    monkeypatch.setattr("sys.stdin", User("first\nsecond\n"))
     original = signal.getsignal(signal.SIGINT)
-    try:
-        slow.reply = fast_after_first
-        assert cli.main(["chat"]) == 0
-    finally:
-        timer.cancel()
+    assert cli.main(["chat"]) == 0
     assert signal.getsignal(signal.SIGINT) is original  # the handler is restored
     captured = capsys.readouterr()
     assert "(cancelled)" in captured.err
     # the cancelled question is gone: the answered request holds only "second"
     assert len(moa.aggregator.calls) == 1
     assert [m.text for m in moa.aggregator.calls[0]][-1] == "second"
+    assert [[m.text for m in call] for call in slow.calls] == [["first"], ["second"]]
+    assert captured.out == "2\n"  # system(references) + "second"
 
 
 def test_ctrl_c_at_the_prompt_gives_a_fresh_prompt(fake_moa, monkeypatch, capsys) -> None:
@@ -925,19 +938,10 @@ def test_ctrl_c_at_the_prompt_gives_a_fresh_prompt(fake_moa, monkeypatch, capsys
 
 
 def test_ctrl_c_in_a_piped_chat_or_one_question_exits_130(monkeypatch, capsys) -> None:
-    import os
-    import signal
-    import threading
-
-    slow = ScriptedChatModel(model_name="slow", reply="draft", delay=30)
+    slow = CtrlCWhenAsked(model_name="slow", reply="draft", delay=30)
     moa = ChatMoA(proposers=[slow], aggregator=ScriptedChatModel())
     monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
-    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
-    timer.start()
-    try:
-        assert cli.main(["chat", "q"]) == cli.EXIT_INTERRUPTED
-    finally:
-        timer.cancel()
+    assert cli.main(["chat", "q"]) == cli.EXIT_INTERRUPTED
     assert capsys.readouterr().err.strip() == "moa: interrupted"
     assert moa.aggregator.calls == []
 
