@@ -369,29 +369,50 @@ CHATTY_RUN = textwrap.dedent(
 )
 
 
-def run_chatty(*argv: str, stderr: int) -> subprocess.CompletedProcess:
+def start_chatty(*argv: str, stderr: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", CHATTY_RUN, *argv],
-        stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=60, env=env,
+        stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
     )  # fmt: skip
 
 
-def test_verbose_log_lines_never_land_inside_the_streamed_answer() -> None:
+@pytest.fixture(scope="module")
+def chatty_runs() -> dict[str, tuple[int, str, str | None]]:
+    """`moa chat --verbose q` with stderr on stdout's pipe, and on a pipe of its own:
+    (exit code, stdout, stderr). Both start together: each is mostly interpreter start-up."""
+    runs = {
+        "one pipe": start_chatty("chat", "--verbose", "q", stderr=subprocess.STDOUT),
+        "two pipes": start_chatty("chat", "--verbose", "q", stderr=subprocess.PIPE),
+    }
+    done = {}
+    try:
+        for name, process in runs.items():
+            out, err = process.communicate(timeout=60)
+            done[name] = (process.returncode, out, err)
+    finally:
+        for process in runs.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return done
+
+
+def test_verbose_log_lines_never_land_inside_the_streamed_answer(chatty_runs) -> None:
     # stdout and stderr on one pipe, as on a terminal or with 2>&1
-    done = run_chatty("chat", "--verbose", "q", stderr=subprocess.STDOUT)
-    assert done.returncode == 0, done.stdout
-    lines = done.stdout.splitlines()
-    assert "DEBUG langchain_moa.probe: mid-answer note" in lines, done.stdout
+    returncode, stdout, _ = chatty_runs["one pipe"]
+    assert returncode == 0, stdout
+    lines = stdout.splitlines()
+    assert "DEBUG langchain_moa.probe: mid-answer note" in lines, stdout
     words = " ".join(line for line in lines if not line.startswith(("DEBUG", "usage:", "  ")))
     assert words.split() == ["one", "two", "three", "four", "five"]
 
 
-def test_the_answer_on_its_own_stdout_is_unchanged_by_log_lines() -> None:
-    done = run_chatty("chat", "--verbose", "q", stderr=subprocess.PIPE)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "one two three four five\n"
-    assert "DEBUG langchain_moa.probe: mid-answer note" in done.stderr.splitlines()
+def test_the_answer_on_its_own_stdout_is_unchanged_by_log_lines(chatty_runs) -> None:
+    returncode, stdout, stderr = chatty_runs["two pipes"]
+    assert returncode == 0, stderr
+    assert stdout == "one two three four five\n"
+    assert "DEBUG langchain_moa.probe: mid-answer note" in stderr.splitlines()
 
 
 def test_interactive_chat_keeps_history(fake_moa, monkeypatch, capsys) -> None:
