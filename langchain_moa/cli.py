@@ -512,13 +512,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
     check_chat_flags(args)
+    # checked before the models are built: building the local MoA starts llama.cpp
+    if args.prompt is not None and not args.prompt.strip():
+        raise ConfigError("the prompt is empty; pass a question, or none for a chat")
     moa = build_chat_moa(args)
     history: list[Any] = [SystemMessage(args.system)] if args.system else []
     session = _ChatSession(moa, args)
     try:
         if args.prompt is not None:
-            if not args.prompt.strip():
-                raise ConfigError("the prompt is empty; pass a question, or none for a chat")
             history.append(HumanMessage(args.prompt))
             try:
                 message = session.ask(history, 1)

@@ -182,7 +182,33 @@ def test_config_example_loads(block: Block) -> None:
 
         data = yaml.safe_load(block.code)
     recipe = recipe_from_dict(data, source=block.id)
-    assert recipe.aggregator is not None
+    # every value the example sets is the value the loaded recipe holds: none dropped,
+    # renamed or defaulted on the way in
+    assert not _not_held(recipe, data), _not_held(recipe, data)
+
+
+def _not_held(loaded: object, example: object, where: str = "") -> list[str]:
+    """The paths of the example's values that `loaded` does not hold as written."""
+    if isinstance(example, dict):
+        return [
+            problem
+            for key, value in example.items()
+            for problem in _not_held(getattr(loaded, key, _MISSING), value, f"{where}.{key}")
+        ]
+    if isinstance(example, list):
+        if not isinstance(loaded, (list, tuple)) or len(loaded) != len(example):
+            return [f"{where}: {loaded!r} is not the example's {len(example)} items"]
+        return [
+            problem
+            for i, item in enumerate(example)
+            for problem in _not_held(loaded[i], item, f"{where}[{i}]")
+        ]
+    if loaded != example or isinstance(loaded, bool) != isinstance(example, bool):
+        return [f"{where}: the example says {example!r}, the recipe holds {loaded!r}"]
+    return []
+
+
+_MISSING = object()
 
 
 def test_not_run_blocks_are_rare() -> None:

@@ -6,10 +6,12 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langchain_openai import ChatOpenAI
@@ -367,29 +369,50 @@ CHATTY_RUN = textwrap.dedent(
 )
 
 
-def run_chatty(*argv: str, stderr: int) -> subprocess.CompletedProcess:
+def start_chatty(*argv: str, stderr: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", CHATTY_RUN, *argv],
-        stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=60, env=env,
+        stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
     )  # fmt: skip
 
 
-def test_verbose_log_lines_never_land_inside_the_streamed_answer() -> None:
+@pytest.fixture(scope="module")
+def chatty_runs() -> dict[str, tuple[int, str, str | None]]:
+    """`moa chat --verbose q` with stderr on stdout's pipe, and on a pipe of its own:
+    (exit code, stdout, stderr). Both start together: each is mostly interpreter start-up."""
+    runs = {
+        "one pipe": start_chatty("chat", "--verbose", "q", stderr=subprocess.STDOUT),
+        "two pipes": start_chatty("chat", "--verbose", "q", stderr=subprocess.PIPE),
+    }
+    done = {}
+    try:
+        for name, process in runs.items():
+            out, err = process.communicate(timeout=60)
+            done[name] = (process.returncode, out, err)
+    finally:
+        for process in runs.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return done
+
+
+def test_verbose_log_lines_never_land_inside_the_streamed_answer(chatty_runs) -> None:
     # stdout and stderr on one pipe, as on a terminal or with 2>&1
-    done = run_chatty("chat", "--verbose", "q", stderr=subprocess.STDOUT)
-    assert done.returncode == 0, done.stdout
-    lines = done.stdout.splitlines()
-    assert "DEBUG langchain_moa.probe: mid-answer note" in lines, done.stdout
+    returncode, stdout, _ = chatty_runs["one pipe"]
+    assert returncode == 0, stdout
+    lines = stdout.splitlines()
+    assert "DEBUG langchain_moa.probe: mid-answer note" in lines, stdout
     words = " ".join(line for line in lines if not line.startswith(("DEBUG", "usage:", "  ")))
     assert words.split() == ["one", "two", "three", "four", "five"]
 
 
-def test_the_answer_on_its_own_stdout_is_unchanged_by_log_lines() -> None:
-    done = run_chatty("chat", "--verbose", "q", stderr=subprocess.PIPE)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "one two three four five\n"
-    assert "DEBUG langchain_moa.probe: mid-answer note" in done.stderr.splitlines()
+def test_the_answer_on_its_own_stdout_is_unchanged_by_log_lines(chatty_runs) -> None:
+    returncode, stdout, stderr = chatty_runs["two pipes"]
+    assert returncode == 0, stderr
+    assert stdout == "one two three four five\n"
+    assert "DEBUG langchain_moa.probe: mid-answer note" in stderr.splitlines()
 
 
 def test_interactive_chat_keeps_history(fake_moa, monkeypatch, capsys) -> None:
@@ -473,6 +496,16 @@ def test_user_errors_are_one_line_without_traceback(argv, fragment, monkeypatch,
     assert cli.main(argv) == cli.EXIT_USER_ERROR
     captured = capsys.readouterr()
     assert fragment in one_error_line(captured) and captured.out == ""
+
+
+@pytest.mark.parametrize("prompt", ["", "  ", "\n\t"])
+def test_an_empty_prompt_is_refused_before_any_model_is_built(prompt, monkeypatch, capsys):
+    """Building the default (local) MoA starts llama.cpp: a typo must not cost that."""
+    built = []
+    monkeypatch.setattr(cli, "build_chat_moa", lambda args: built.append(args) or make_moa())
+    assert cli.main(["chat", prompt]) == cli.EXIT_USER_ERROR
+    assert "the prompt is empty" in one_error_line(capsys.readouterr())
+    assert built == []
 
 
 @pytest.mark.parametrize(
@@ -868,35 +901,46 @@ class Tty(io.StringIO):
         return True
 
 
-def test_ctrl_c_during_an_answer_cancels_only_that_turn(monkeypatch, capsys) -> None:
-    import os
-    import signal
-    import threading
+class CtrlCWhenAsked(ScriptedChatModel):
+    """Presses Ctrl-C (SIGINT to this process) once its first request has arrived.
 
-    slow = ScriptedChatModel(model_name="slow", reply="draft")
+    The press lands while that request is in flight (its `delay` has begun), whatever the
+    machine's speed: no timer racing the turn.
+    """
+
+    def _record(self, messages: list[Any], kwargs: dict[str, Any]) -> int:
+        number = super()._record(messages, kwargs)
+        if number == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return number
+
+
+def test_ctrl_c_during_an_answer_cancels_only_that_turn(monkeypatch, capsys) -> None:
+    # the first turn would take 30 s (the test would fail after them): Ctrl-C cancels it
+    slow = CtrlCWhenAsked(model_name="slow", reply="draft", delay=30)
     moa = ChatMoA(proposers=[slow], aggregator=ScriptedChatModel(reply=lambda m: f"{len(m)}"))
     monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
-    monkeypatch.setattr("sys.stdin", Tty("first\nsecond\n"))
-    slow.delay = 30  # the first turn would take 30 s: Ctrl-C after 0.3 s
-    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
-    timer.start()
 
-    def fast_after_first(messages):
-        slow.delay = 0
-        return "draft"
+    class User(Tty):
+        """Types "second" after the first turn was cancelled; it is answered at once."""
 
+        def readline(self, *args: Any) -> str:
+            line = super().readline(*args)
+            if line == "second\n":
+                slow.delay = 0
+            return line
+
+    monkeypatch.setattr("sys.stdin", User("first\nsecond\n"))
     original = signal.getsignal(signal.SIGINT)
-    try:
-        slow.reply = fast_after_first
-        assert cli.main(["chat"]) == 0
-    finally:
-        timer.cancel()
+    assert cli.main(["chat"]) == 0
     assert signal.getsignal(signal.SIGINT) is original  # the handler is restored
     captured = capsys.readouterr()
     assert "(cancelled)" in captured.err
     # the cancelled question is gone: the answered request holds only "second"
     assert len(moa.aggregator.calls) == 1
     assert [m.text for m in moa.aggregator.calls[0]][-1] == "second"
+    assert [[m.text for m in call] for call in slow.calls] == [["first"], ["second"]]
+    assert captured.out == "2\n"  # system(references) + "second"
 
 
 def test_ctrl_c_at_the_prompt_gives_a_fresh_prompt(fake_moa, monkeypatch, capsys) -> None:
@@ -915,19 +959,10 @@ def test_ctrl_c_at_the_prompt_gives_a_fresh_prompt(fake_moa, monkeypatch, capsys
 
 
 def test_ctrl_c_in_a_piped_chat_or_one_question_exits_130(monkeypatch, capsys) -> None:
-    import os
-    import signal
-    import threading
-
-    slow = ScriptedChatModel(model_name="slow", reply="draft", delay=30)
+    slow = CtrlCWhenAsked(model_name="slow", reply="draft", delay=30)
     moa = ChatMoA(proposers=[slow], aggregator=ScriptedChatModel())
     monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
-    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
-    timer.start()
-    try:
-        assert cli.main(["chat", "q"]) == cli.EXIT_INTERRUPTED
-    finally:
-        timer.cancel()
+    assert cli.main(["chat", "q"]) == cli.EXIT_INTERRUPTED
     assert capsys.readouterr().err.strip() == "moa: interrupted"
     assert moa.aggregator.calls == []
 

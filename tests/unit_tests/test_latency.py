@@ -203,34 +203,3 @@ async def test_drafts_after_the_conversation_keep_it_a_shared_prefix(how: str) -
 def test_unknown_placement_is_a_one_line_error() -> None:
     with pytest.raises(ConfigError, match="reference_placement: Input should be 'first_system'"):
         ChatMoA(proposers=[model("a")], aggregator=model("agg"), reference_placement="end")
-
-
-def test_heavy_tail_latency_is_fixed_by_the_request() -> None:
-    from langchain_moa.testing.server import request_latency
-
-    body = {"messages": [{"role": "user", "content": "q1"}]}
-    first = request_latency("p1", body, (0.2, 0.8))
-    assert first == request_latency("p1", dict(body), (0.2, 0.8))  # same request, same wait
-    draws = [
-        request_latency("p1", {"messages": [{"role": "user", "content": f"q{i}"}]}, (0.2, 0.8))
-        for i in range(400)
-    ]
-    assert 0.15 < sorted(draws)[200] < 0.27  # median near 0.2 s
-    assert sorted(draws)[380] > 3 * sorted(draws)[200]  # p95 several times the median
-    assert request_latency("p1", body, None) == 0.0
-
-
-def test_the_scripted_server_runs_in_its_own_process_for_load_benchmarks() -> None:
-    import httpx
-
-    from langchain_moa.testing import serve_in_subprocess
-
-    base_url, process = serve_in_subprocess({"m": {"reply": "hello", "lognormal": [0.01, 0.1]}})
-    try:
-        body = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
-        reply = httpx.post(base_url + "/chat/completions", json=body, timeout=30).json()
-        assert reply["choices"][0]["message"]["content"] == "hello"
-        assert base_url.startswith("http://127.0.0.1:")
-    finally:
-        process.terminate()
-        process.wait(timeout=30)

@@ -4,6 +4,7 @@ same OUT, preconditions, the first-row probe, shards, progress, datasets-loadabl
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,15 +22,6 @@ from langchain_moa.pipelines import (
     lock_output,
 )
 from langchain_moa.testing import ScriptedChatModel
-
-
-def write_jsonl(path: Path, lines: list) -> Path:
-    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def prompts(*texts: str) -> list[dict]:
@@ -51,8 +43,10 @@ class Recorder:
         return [messages[-1].text for messages in self.aggregator.calls]
 
 
-def answered_in(out: Path) -> list[str]:
-    return [row["messages"][-2]["content"] for row in read_jsonl(out)]
+@pytest.fixture
+def answered_in(read_jsonl) -> Callable[[Path], list[str]]:
+    """``answered_in(out)``: the questions answered in OUT, in its order."""
+    return lambda out: [row["messages"][-2]["content"] for row in read_jsonl(out)]
 
 
 def check_adds_up(summary) -> None:
@@ -66,7 +60,9 @@ def check_adds_up(summary) -> None:
 # --------------------------------------------------------------------- identity
 
 
-def test_editing_the_input_never_skips_or_repeats_a_prompt(tmp_path: Path) -> None:
+def test_editing_the_input_never_skips_or_repeats_a_prompt(
+    tmp_path: Path, write_jsonl, answered_in
+) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", prompts("alpha", "beta", "gamma"))
     out = tmp_path / "out.jsonl"
     first = Recorder()
@@ -81,7 +77,7 @@ def test_editing_the_input_never_skips_or_repeats_a_prompt(tmp_path: Path) -> No
     assert sorted(answered_in(out)) == ["alpha", "appended", "beta", "gamma", "new first"]
 
 
-def test_same_prompt_as_string_or_messages_is_one_row(tmp_path: Path) -> None:
+def test_same_prompt_as_string_or_messages_is_one_row(tmp_path: Path, write_jsonl) -> None:
     one = [{"role": "user", "content": "hi"}]
     assert content_id(one) == content_id([{"content": "hi", "role": "user"}])
     source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}, {"messages": one}])
@@ -89,7 +85,7 @@ def test_same_prompt_as_string_or_messages_is_one_row(tmp_path: Path) -> None:
     assert (summary.written, summary.duplicates) == (1, 1)
 
 
-def test_label_identity_includes_the_responses(tmp_path: Path) -> None:
+def test_label_identity_includes_the_responses(tmp_path: Path, write_jsonl) -> None:
     judge = MoAJudge(judges=[ScriptedChatModel(reply="[[A]]")], swap=False)
     source = write_jsonl(
         tmp_path / "in.jsonl",
@@ -99,7 +95,7 @@ def test_label_identity_includes_the_responses(tmp_path: Path) -> None:
     assert (summary.written, summary.duplicates) == (2, 0)
 
 
-def test_duplicates_are_reported_unless_kept(tmp_path: Path) -> None:
+def test_duplicates_are_reported_unless_kept(tmp_path: Path, write_jsonl, read_jsonl) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", prompts("same", "other", "same", "same"))
     recorder = Recorder()
     out = tmp_path / "out.jsonl"
@@ -132,7 +128,9 @@ def test_duplicates_are_reported_unless_kept(tmp_path: Path) -> None:
 # ------------------------------------------------------------- OUT and the lock
 
 
-def test_a_second_run_on_the_same_out_is_refused_at_once(tmp_path: Path) -> None:
+def test_a_second_run_on_the_same_out_is_refused_at_once(
+    tmp_path: Path, write_jsonl, read_jsonl
+) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", prompts("a", "b"))
     out = tmp_path / "out.jsonl"
     held = lock_output(out)  # another run in progress
@@ -151,14 +149,14 @@ def test_a_second_run_on_the_same_out_is_refused_at_once(tmp_path: Path) -> None
     assert len(read_jsonl(out)) == 2
 
 
-def test_out_equal_to_the_input_is_refused(tmp_path: Path) -> None:
+def test_out_equal_to_the_input_is_refused(tmp_path: Path, write_jsonl, read_jsonl) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", prompts("a"))
     with pytest.raises(ConfigError, match="is the input file; choose another OUT"):
         generate(source, tmp_path / "." / "in.jsonl", Recorder().moa)
     assert read_jsonl(source) == prompts("a")
 
 
-def test_an_unwritable_out_is_refused_before_any_call(tmp_path: Path) -> None:
+def test_an_unwritable_out_is_refused_before_any_call(tmp_path: Path, write_jsonl) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", prompts("a"))
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -168,7 +166,9 @@ def test_an_unwritable_out_is_refused_before_any_call(tmp_path: Path) -> None:
     assert recorder.aggregator.calls == []
 
 
-def test_push_without_a_token_fails_before_any_call(tmp_path: Path, monkeypatch) -> None:
+def test_push_without_a_token_fails_before_any_call(
+    tmp_path: Path, monkeypatch, write_jsonl
+) -> None:
     import huggingface_hub
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -182,7 +182,7 @@ def test_push_without_a_token_fails_before_any_call(tmp_path: Path, monkeypatch)
     assert recorder.aggregator.calls == []
 
 
-def test_push_uploads_at_the_end(tmp_path: Path, monkeypatch) -> None:
+def test_push_uploads_at_the_end(tmp_path: Path, monkeypatch, write_jsonl, read_jsonl) -> None:
     import huggingface_hub
 
     uploaded = []
@@ -214,7 +214,9 @@ class AuthenticationError(Exception):
     """Named like the OpenAI SDK's 401 error (the probe goes by the error's kind)."""
 
 
-def test_a_model_that_cannot_be_used_stops_the_run_after_the_first_row(tmp_path: Path) -> None:
+def test_a_model_that_cannot_be_used_stops_the_run_after_the_first_row(
+    tmp_path: Path, write_jsonl, read_jsonl
+) -> None:
     good = ScriptedChatModel(model_name="good", reply="draft")
     bad = ScriptedChatModel(
         model_name="bad", fail_always=True, error=AuthenticationError("401 invalid key")
@@ -235,7 +237,7 @@ def test_a_model_that_cannot_be_used_stops_the_run_after_the_first_row(tmp_path:
     check_adds_up(summary)
 
 
-def test_a_row_specific_failure_does_not_stop_the_run(tmp_path: Path) -> None:
+def test_a_row_specific_failure_does_not_stop_the_run(tmp_path: Path, write_jsonl) -> None:
     def reply(messages):
         if "poison" in messages[-1].text:
             raise ValueError("this prompt is too long for the model")
@@ -252,7 +254,9 @@ def test_a_row_specific_failure_does_not_stop_the_run(tmp_path: Path) -> None:
 # ---------------------------------------------------------- summary and reasons
 
 
-def test_the_summary_adds_up_and_reasons_are_complete_lines(tmp_path: Path) -> None:
+def test_the_summary_adds_up_and_reasons_are_complete_lines(
+    tmp_path: Path, write_jsonl, read_jsonl
+) -> None:
     def reply(messages):
         if "boom" in messages[-1].text:
             raise RuntimeError("first line\nsecond line that matters")
@@ -280,7 +284,7 @@ def test_the_summary_adds_up_and_reasons_are_complete_lines(tmp_path: Path) -> N
 # ----------------------------------------------------------------------- shards
 
 
-def test_shards_split_the_input_exactly(tmp_path: Path) -> None:
+def test_shards_split_the_input_exactly(tmp_path: Path, write_jsonl, read_jsonl) -> None:
     rows = [*prompts(*(f"q{i}" for i in range(30))), {"id": "explicit", "prompt": "x"}]
     source = write_jsonl(tmp_path / "in.jsonl", rows)
     seen: list[str] = []
@@ -296,7 +300,7 @@ def test_shards_split_the_input_exactly(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", ["0/3", "4/3", "1", "a/b", "1/0"])
-def test_bad_shards_are_one_line_errors(tmp_path: Path, bad: str) -> None:
+def test_bad_shards_are_one_line_errors(tmp_path: Path, bad: str, write_jsonl) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", prompts("a"))
     with pytest.raises(ConfigError, match=r"--shard .*: (I must be between|expected I/N)"):
         generate(source, tmp_path / "out.jsonl", Recorder().moa, shard=bad)
@@ -305,7 +309,9 @@ def test_bad_shards_are_one_line_errors(tmp_path: Path, bad: str) -> None:
 # --------------------------------------------------------------------- progress
 
 
-def test_progress_counts_model_calls_while_rows_are_slow(tmp_path: Path, capsys) -> None:
+def test_progress_counts_model_calls_while_rows_are_slow(
+    tmp_path: Path, capsys, write_jsonl
+) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", prompts("a", "b"))
     moa = ChatMoA(
         proposers=[ScriptedChatModel(reply="d1"), ScriptedChatModel(reply="d2")],
@@ -317,7 +323,7 @@ def test_progress_counts_model_calls_while_rows_are_slow(tmp_path: Path, capsys)
     assert "model calls 10/10" in capsys.readouterr().err
 
 
-def test_label_progress_plans_samples_and_judge_calls(tmp_path: Path, capsys) -> None:
+def test_label_progress_plans_samples_and_judge_calls(tmp_path: Path, capsys, write_jsonl) -> None:
     policy = ScriptedChatModel(reply=lambda m: "x" * len(policy.calls))
     judge = MoAJudge(
         judges=[ScriptedChatModel(reply="Rating: [[5]]")], mode="pointwise", aggregator=None
@@ -332,7 +338,9 @@ def test_label_progress_plans_samples_and_judge_calls(tmp_path: Path, capsys) ->
 # ------------------------------------------------------------ output for datasets
 
 
-def test_outputs_load_with_datasets_one_type_per_column(tmp_path: Path) -> None:
+def test_outputs_load_with_datasets_one_type_per_column(
+    tmp_path: Path, write_jsonl, prefers_longer
+) -> None:
     datasets = pytest.importorskip("datasets")
     source = write_jsonl(
         tmp_path / "in.jsonl",
@@ -347,11 +355,6 @@ def test_outputs_load_with_datasets_one_type_per_column(tmp_path: Path) -> None:
             },
         ],
     )
-
-    def prefers_longer(messages) -> str:
-        body = messages[-1].text
-        a = body.split("[Answer A]\n")[1].split("\n\n[Answer B]")[0]
-        return "[[A]]" if len(a) > len(body.split("[Answer B]\n")[1]) else "[[B]]"
 
     judge = MoAJudge(judges=[ScriptedChatModel(reply=prefers_longer)], aggregator=None)
     dpo, sft = tmp_path / "dpo.jsonl", tmp_path / "sft.jsonl"
@@ -376,7 +379,7 @@ def test_outputs_load_with_datasets_one_type_per_column(tmp_path: Path) -> None:
 
 
 def test_cli_label_takes_the_recipes_defaults_and_flags_override_them(
-    tmp_path: Path, monkeypatch, capsys
+    tmp_path: Path, monkeypatch, capsys, cli_models, write_jsonl, read_jsonl
 ) -> None:
     from langchain_moa import cli, cli_data
     from langchain_moa.recipes import LabelSettings
@@ -389,9 +392,7 @@ def test_cli_label_takes_the_recipes_defaults_and_flags_override_them(
         return f"Rating: [[{min(10, len(body.split('[Answer]')[1]))}]]"
 
     judge_model = ScriptedChatModel(reply=rate)
-    monkeypatch.setattr(
-        cli_data,
-        "_recipe_models",
+    cli_models(
         lambda args: {
             "proposers": [judge_model], "aggregator": judge_model, "all_local": False,
             "label": LabelSettings(mode="pointwise", samples=3, aggregate=False),
@@ -424,10 +425,8 @@ def test_cli_label_takes_the_recipes_defaults_and_flags_override_them(
 
 
 @pytest.fixture
-def cli_moa(monkeypatch) -> Recorder:
+def cli_moa(cli_models) -> Recorder:
     """`moa generate` and `moa label` run on scripted models (no recipe is loaded)."""
-    from langchain_moa import cli_data
-
     recorder = Recorder()
 
     def models(args) -> dict:
@@ -440,7 +439,7 @@ def cli_moa(monkeypatch) -> Recorder:
             "all_local": False,
         }
 
-    monkeypatch.setattr(cli_data, "_recipe_models", models)
+    cli_models(models)
     return recorder
 
 
@@ -489,7 +488,7 @@ HOSTILE_LINES = {
 
 @pytest.mark.parametrize("name", list(HOSTILE_LINES))
 def test_a_hostile_line_is_one_malformed_row(
-    tmp_path: Path, cli_moa: Recorder, capsys, name: str
+    tmp_path: Path, cli_moa: Recorder, capsys, name: str, answered_in
 ) -> None:
     from langchain_moa import cli
 
@@ -513,7 +512,7 @@ def test_a_hostile_line_is_one_malformed_row(
 
 
 def test_a_lone_surrogate_in_responses_is_a_malformed_label_row(
-    tmp_path: Path, cli_moa: Recorder, capsys
+    tmp_path: Path, cli_moa: Recorder, capsys, read_jsonl
 ) -> None:
     from langchain_moa import cli
 
@@ -530,7 +529,9 @@ def test_a_lone_surrogate_in_responses_is_a_malformed_label_row(
     assert error["line"] == 2 and "lone surrogate \\ud83d" in error["reason"]
 
 
-def test_a_lone_surrogate_from_a_model_fails_its_row_only(tmp_path: Path) -> None:
+def test_a_lone_surrogate_from_a_model_fails_its_row_only(
+    tmp_path: Path, write_jsonl, read_jsonl, answered_in
+) -> None:
     def reply(messages) -> str:
         text = messages[-1].text
         if "answer" in text:
@@ -603,7 +604,7 @@ def test_no_file_a_run_writes_may_be_the_input(
 
 
 def test_content_edited_under_a_done_id_is_reported(
-    tmp_path: Path, cli_moa: Recorder, capsys
+    tmp_path: Path, cli_moa: Recorder, capsys, write_jsonl, read_jsonl
 ) -> None:
     from langchain_moa import cli
 
@@ -634,7 +635,7 @@ def test_content_edited_under_a_done_id_is_reported(
     assert "remove its line from OUT or give it a new id" in note["reason"]
 
 
-def test_label_reports_responses_edited_under_a_done_id(tmp_path: Path) -> None:
+def test_label_reports_responses_edited_under_a_done_id(tmp_path: Path, write_jsonl) -> None:
     judge = MoAJudge(judges=[ScriptedChatModel(reply="[[A]]")], swap=False)
     rows = [
         {"id": "a", "prompt": "q", "responses": ["x", "y"]},

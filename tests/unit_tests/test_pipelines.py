@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants as hub_constants
 
-from langchain_moa import ChatMoA, ConfigError, cli, cli_data
+from langchain_moa import ChatMoA, ConfigError, cli
 from langchain_moa.judge import MoAJudge
 from langchain_moa.pipelines import (
     completed_ids,
@@ -26,15 +26,6 @@ from langchain_moa.pipelines import (
 from langchain_moa.testing import ScriptedChatModel, free_port
 
 
-def write_jsonl(path: Path, lines: list) -> Path:
-    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def echo_moa() -> ChatMoA:
     return ChatMoA(
         proposers=[ScriptedChatModel(model_name="p", reply="draft")],
@@ -42,14 +33,7 @@ def echo_moa() -> ChatMoA:
     )
 
 
-def prefers_longer(messages) -> str:
-    body = messages[-1].text
-    a = body.split("[Answer A]\n")[1].split("\n\n[Answer B]")[0]
-    b = body.split("[Answer B]\n")[1]
-    return "[[A]]" if len(a) > len(b) else "[[B]]"
-
-
-def test_generate_writes_trl_sft_rows(tmp_path: Path) -> None:
+def test_generate_writes_trl_sft_rows(tmp_path: Path, write_jsonl, read_jsonl) -> None:
     source = write_jsonl(
         tmp_path / "in.jsonl",
         [
@@ -79,7 +63,9 @@ def test_generate_writes_trl_sft_rows(tmp_path: Path) -> None:
     assert rows["q1"]["usage"]["total_tokens"] == 30
 
 
-def test_rerun_skips_done_rows_and_repairs_a_torn_line(tmp_path: Path) -> None:
+def test_rerun_skips_done_rows_and_repairs_a_torn_line(
+    tmp_path: Path, write_jsonl, read_jsonl
+) -> None:
     source = write_jsonl(
         tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": f"q{i}"} for i in range(5)]
     )
@@ -97,7 +83,9 @@ def test_rerun_skips_done_rows_and_repairs_a_torn_line(tmp_path: Path) -> None:
     assert sorted(ids) == [f"r{i}" for i in range(5)] and len(ids) == len(set(ids))
 
 
-def test_malformed_lines_are_reported_with_their_line_number(tmp_path: Path) -> None:
+def test_malformed_lines_are_reported_with_their_line_number(
+    tmp_path: Path, write_jsonl, read_jsonl
+) -> None:
     source = write_jsonl(
         tmp_path / "in.jsonl",
         [
@@ -122,7 +110,7 @@ def test_malformed_lines_are_reported_with_their_line_number(tmp_path: Path) -> 
     assert "duplicate id 'ok' (first on line 1)" in errors[2]["reason"]
 
 
-def test_failing_rows_go_to_the_errors_file(tmp_path: Path) -> None:
+def test_failing_rows_go_to_the_errors_file(tmp_path: Path, write_jsonl, read_jsonl) -> None:
     moa = ChatMoA(
         proposers=[ScriptedChatModel(fail_always=True, error=RuntimeError("provider down"))],
         aggregator=ScriptedChatModel(),
@@ -134,7 +122,9 @@ def test_failing_rows_go_to_the_errors_file(tmp_path: Path) -> None:
     assert error["id"] == "a" and "MoAError" in error["reason"]
 
 
-def test_label_ranks_given_responses_into_dpo_rows(tmp_path: Path) -> None:
+def test_label_ranks_given_responses_into_dpo_rows(
+    tmp_path: Path, write_jsonl, read_jsonl, prefers_longer
+) -> None:
     source = write_jsonl(
         tmp_path / "in.jsonl",
         [
@@ -161,7 +151,9 @@ def test_label_ranks_given_responses_into_dpo_rows(tmp_path: Path) -> None:
     assert len(rows["m"]["scores"]) == 3 and rows["m"]["judge"]["mode"] == "pairwise"
 
 
-def test_label_samples_from_a_policy(tmp_path: Path) -> None:
+def test_label_samples_from_a_policy(
+    tmp_path: Path, write_jsonl, read_jsonl, prefers_longer
+) -> None:
     counter = iter(range(100))
     policy = ScriptedChatModel(reply=lambda m: "x" * (next(counter) + 1))
     judge = MoAJudge(judges=[ScriptedChatModel(reply=prefers_longer)])
@@ -173,14 +165,14 @@ def test_label_samples_from_a_policy(tmp_path: Path) -> None:
     assert len(row["chosen"][0]["content"]) == max(len(c) for c in row["candidates"])
 
 
-def test_label_without_responses_or_policy_is_a_user_error(tmp_path: Path) -> None:
+def test_label_without_responses_or_policy_is_a_user_error(tmp_path: Path, write_jsonl) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "q"}])
     judge = MoAJudge(judges=[ScriptedChatModel(reply="[[A]]")])
     with pytest.raises(ConfigError, match="line 1: no 'responses' to rank"):
         label(source, tmp_path / "out.jsonl", judge)
 
 
-def test_label_all_tied_is_a_failed_row(tmp_path: Path) -> None:
+def test_label_all_tied_is_a_failed_row(tmp_path: Path, write_jsonl) -> None:
     source = write_jsonl(
         tmp_path / "in.jsonl", [{"id": "a", "prompt": "q", "responses": ["x", "y"]}]
     )
@@ -203,7 +195,8 @@ def hub_endpoint() -> Iterator[str]:
             pass
 
     server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # polled every 50 ms, so shutdown() at teardown returns at once (the default is 0.5 s)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -222,7 +215,7 @@ def test_hf_input_with_the_hub_unreachable_fails_at_once(tmp_path: Path, monkeyp
     assert str(info.value).endswith("or use a local file")
 
 
-def test_hf_dataset_input(tmp_path: Path, monkeypatch, hub_endpoint: str) -> None:
+def test_hf_dataset_input(tmp_path: Path, monkeypatch, hub_endpoint: str, write_jsonl) -> None:
     local_copy = write_jsonl(tmp_path / "cached.jsonl", [{"id": "h", "prompt": "from the hub"}])
     seen = {}
 
@@ -245,7 +238,9 @@ def test_hf_dataset_input(tmp_path: Path, monkeypatch, hub_endpoint: str) -> Non
     }
 
 
-def test_push_to_hub_uses_hf_token_and_never_leaks_it(tmp_path: Path, monkeypatch) -> None:
+def test_push_to_hub_uses_hf_token_and_never_leaks_it(
+    tmp_path: Path, monkeypatch, write_jsonl
+) -> None:
     out = write_jsonl(tmp_path / "out.jsonl", [{"id": "a"}])
     token = "hf_secrettoken1234567890"
     calls = []
@@ -276,18 +271,18 @@ def test_push_to_hub_uses_hf_token_and_never_leaks_it(tmp_path: Path, monkeypatc
         upload_to_hub(out, "me/moa-sft")
 
 
-def test_read_rows_accepts_prompt_or_messages(tmp_path: Path) -> None:
+def test_read_rows_accepts_prompt_or_messages(tmp_path: Path, write_jsonl) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, "", {"id": 7, "prompt": "b"}])
     rows, problems = read_rows(path)
     assert [r.id for r in rows] == [content_id([{"role": "user", "content": "a"}]), "7"]
     assert problems == []
 
 
-def test_cli_generate_and_label(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_cli_generate_and_label(
+    tmp_path: Path, capsys, cli_models, write_jsonl, read_jsonl, prefers_longer
+) -> None:
     judge_model = ScriptedChatModel(reply=prefers_longer)
-    monkeypatch.setattr(
-        cli_data,
-        "_recipe_models",
+    cli_models(
         lambda args: {
             "proposers": [ScriptedChatModel(reply="draft")]
             if args.command == "generate"
@@ -318,7 +313,7 @@ def test_cli_generate_and_label(tmp_path: Path, monkeypatch, capsys) -> None:
     assert cli.main(["generate", str(tmp_path / "missing.jsonl"), str(out)]) == cli.EXIT_USER_ERROR
 
 
-def test_label_samples_have_the_config_files_range(tmp_path: Path) -> None:
+def test_label_samples_have_the_config_files_range(tmp_path: Path, write_jsonl) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "q"}])
     judge = MoAJudge(judges=[ScriptedChatModel(reply="[[A]]")])
     policy = ScriptedChatModel(reply="x")
