@@ -12,6 +12,7 @@ from langchain_moa.judge import JudgeError, JudgeResult, MoAJudge
 from langchain_moa.judge_graph import build_judge_graph, judge_node
 from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
 from langchain_moa.references import inject_references, text_only_history
+from langchain_moa.settings import MoASettings
 
 __all__ = [
     "DEFAULT_AGGREGATOR_PROMPT",
@@ -22,6 +23,7 @@ __all__ = [
     "JudgeResult",
     "MoAError",
     "MoAJudge",
+    "MoASettings",
     "MoAState",
     "Proposal",
     "build_judge_graph",

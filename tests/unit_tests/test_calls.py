@@ -212,10 +212,10 @@ def test_the_remaining_budget_is_passed_down_as_the_client_timeout() -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        (float("nan"), "proposer_timeout must be a positive number of seconds, inf or None"),
-        (-1, "proposer_timeout must be a positive number of seconds, inf or None"),
-        (0, "proposer_timeout must be a positive number of seconds, inf or None"),
-        ("soon", "proposer_timeout: Input should be a valid number"),
+        (float("nan"), "proposer_timeout must be greater than 0, got nan"),
+        (-1, "proposer_timeout must be greater than 0, got -1"),
+        (0, "proposer_timeout must be greater than 0, got 0"),
+        ("soon", "proposer_timeout must be a number, got 'soon'"),
     ],
 )
 def test_bad_timeouts_are_one_line_errors(value: Any, message: str) -> None:
@@ -231,7 +231,7 @@ async def test_infinite_timeout_means_no_limit(how: str) -> None:
         aggregator=tracked("agg", "z"),
         proposer_timeout=math.inf,
     )
-    assert moa.engine.proposer_timeout is None
+    assert moa.proposer_timeout is None and moa.engine.settings.proposer_timeout is None
     assert (await run(moa, "q", how)).content == "z"
 
 
@@ -335,8 +335,8 @@ def test_unknown_arguments_are_refused_in_one_line() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"layers": 0}, "ChatMoA: layers must be an integer >= 1 (1 = aggregator alone), got 0"),
-        ({"layers": "two"}, "ChatMoA: layers: Input should be a valid integer"),
+        ({"layers": 0}, "layers must be at least 1, got 0"),
+        ({"layers": "two"}, "layers must be an integer, got 'two'"),
         ({"max_tokens": 0}, "ChatMoA: max_tokens: must be >= 1"),
     ],
 )
