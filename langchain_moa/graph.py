@@ -73,14 +73,14 @@ from langgraph.types import Overwrite, RetryPolicy, Send
 
 from langchain_moa import calls
 from langchain_moa._compat import RunnableCallable, node_attempt
-from langchain_moa.calls import CallError, LayerClose, is_transient_error
+from langchain_moa.calls import LayerClose
 from langchain_moa.engine import (
     MoAEngine,
     Proposal,
     agreement,
     normalize_answer,
 )
-from langchain_moa.errors import ConfigError, MoAError
+from langchain_moa.errors import CallError, ConfigError, MoAError, is_transient_error
 from langchain_moa.models import resolve_model
 from langchain_moa.settings import MoASettings
 

@@ -39,10 +39,11 @@ from langchain_core.runnables import Runnable, RunnableConfig
 
 from langchain_moa import calls
 from langchain_moa.calls import CallResult, ModelCall, sum_usage
-from langchain_moa.errors import MoAError
+from langchain_moa.errors import ConfigError, JudgeError
 from langchain_moa.models import model_label, resolve_model
 from langchain_moa.redaction import register_models
 from langchain_moa.references import inject_references
+from langchain_moa.settings import shown
 
 Mode = Literal["pairwise", "pointwise"]
 
@@ -101,10 +102,6 @@ _STOPWORDS = set(
     "please should so than that the their them then there these this to was we what when "
     "where which who why will with would you your about into give tell write make explain".split()
 )
-
-
-class JudgeError(MoAError):
-    """No judge produced a usable verdict for a rank."""
 
 
 def parse_pairwise(text: str) -> str | None:
@@ -300,13 +297,19 @@ class MoAJudge:
         """`grammar=True` constrains every judge answer with `VERDICT_GRAMMARS` (llama.cpp
         servers only, e.g. the embedded local model)."""
         if not judges:
-            raise ValueError("MoAJudge needs at least one judge model: judges=[...]")
+            raise ConfigError("MoAJudge needs at least one judge model: judges=[...]")
         if mode not in MODES:
-            raise ValueError(f"mode must be 'pairwise' or 'pointwise', got {mode!r}")
+            raise ConfigError(f"mode must be 'pairwise' or 'pointwise', got {shown(mode)}")
         if isinstance(criteria, str) and criteria != "dynamic":
-            raise ValueError("criteria must be a list of strings, 'dynamic' or None")
-        if max_concurrency is not None and max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1 or None, got {max_concurrency!r}")
+            raise ConfigError("criteria must be a list of strings, 'dynamic' or None")
+        if max_concurrency is not None and (
+            isinstance(max_concurrency, bool)
+            or not isinstance(max_concurrency, int)
+            or max_concurrency < 1
+        ):
+            raise ConfigError(
+                f"max_concurrency must be at least 1 or None, got {shown(max_concurrency)}"
+            )
         self.judges = [_as_model(j, f"judge {i + 1}") for i, j in enumerate(judges)]
         self.aggregator = _as_model(aggregator, "aggregator") if aggregator else None
         self.mode: Mode = mode

@@ -14,6 +14,8 @@ import time
 import traceback
 from typing import Any
 
+import httpx
+import openai
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
@@ -180,8 +182,10 @@ def test_a_timed_out_sync_call_frees_its_slot_and_is_abandoned_on_a_daemon_threa
     assert abandoned and all(t.daemon for t in abandoned)
 
 
-class APITimeoutError(Exception):
-    """Named like the openai SDK's client-side timeout (classified by name, as in calls)."""
+def APITimeoutError(message: str) -> openai.APITimeoutError:  # noqa: N802
+    """The openai SDK's client-side timeout (classified by type, see `errors`)."""
+    assert message == "Request timed out."  # the SDK's own text
+    return openai.APITimeoutError(request=httpx.Request("POST", "https://x"))
 
 
 @pytest.mark.parametrize("how", ["sync", "async"])
