@@ -298,16 +298,16 @@ def _takes_request_timeout(model: Any) -> bool:
 
 @dataclass
 class CallResult:
-    """What one call gave: the answer or the error, and how long it took."""
+    """What one call attempt gave: the answer or the error, and how long it took.
+
+    A plain value: building one tells nobody. Observers (`observe`) hear of each finished
+    attempt once, from `_finished`, where the call layer ends an attempt.
+    """
 
     call: ModelCall
     message: AIMessage | None = None
     error: CallError | None = None
     latency_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        for observer in _observers.get():  # every finished attempt, once
-            observer(self)
 
     @property
     def ok(self) -> bool:
@@ -321,6 +321,13 @@ class CallResult:
 _observers: contextvars.ContextVar[tuple[Callable[[CallResult], None], ...]] = (
     contextvars.ContextVar("moa_call_observers", default=())
 )
+
+
+def _finished(result: CallResult) -> CallResult:
+    """An attempt ended: tell the observers, once (the one place that does)."""
+    for observer in _observers.get():
+        observer(result)
+    return result
 
 
 @contextmanager
@@ -531,7 +538,7 @@ def run_all(
                 i = waiting.pop()
                 close = calls[i].close
                 if close is not None and close.closed(now):  # never started: dropped
-                    results[i] = CallResult(calls[i], error=_straggler(calls[i], 0.0))
+                    results[i] = _finished(CallResult(calls[i], error=_straggler(calls[i], 0.0)))
                     continue
                 running[i] = _Worker(calls[i], config, changed)
             deadlines = [d for w in running.values() if (d := _deadline(w)) is not None]
@@ -544,7 +551,7 @@ def run_all(
                 if worker.finished or (deadline is not None and now >= deadline):
                     del running[i]
                     worker.budget.abandoned = not worker.finished
-                    results[i] = _settle(worker, now)
+                    results[i] = _finished(_settle(worker, now))
                     if worker.call.close is not None:
                         worker.call.close.record(results[i])  # type: ignore[arg-type]
     finally:
@@ -565,11 +572,13 @@ def _invoke_once(call: ModelCall, config: RunnableConfig | None) -> CallResult:
         except (GraphBubbleUp, KeyboardInterrupt):
             raise
         except Exception as exc:
-            return CallResult(
-                call, error=_error(call, exc), latency_s=time.perf_counter() - started
+            return _finished(
+                CallResult(call, error=_error(call, exc), latency_s=time.perf_counter() - started)
             )
-        return CallResult(call, message=message, latency_s=time.perf_counter() - started)
-    return run_all([call], config)[0]
+        return _finished(
+            CallResult(call, message=message, latency_s=time.perf_counter() - started)
+        )
+    return run_all([call], config)[0]  # reported by run_all
 
 
 def invoke(call: ModelCall, config: RunnableConfig | None = None) -> AIMessage:
@@ -607,7 +616,7 @@ def stream(call: ModelCall, config: RunnableConfig | None = None) -> Iterator[AI
                     with _child_scope(child):
                         chunk = next(iterator)
                 except StopIteration:
-                    CallResult(call, latency_s=time.perf_counter() - begun)  # for observers
+                    _finished(CallResult(call, latency_s=time.perf_counter() - begun))
                     if (rest := masker.flush()) is not None:
                         yield rest
                     return
@@ -615,7 +624,7 @@ def stream(call: ModelCall, config: RunnableConfig | None = None) -> Iterator[AI
                     raise
                 except Exception as exc:
                     error = _error(call, exc)
-                    CallResult(call, error=error, latency_s=time.perf_counter() - begun)
+                    _finished(CallResult(call, error=error, latency_s=time.perf_counter() - begun))
                     break
                 started = True
                 yield masker.chunk(chunk)  # type: ignore[misc]
@@ -642,9 +651,14 @@ async def _ainvoke_inline(call: ModelCall, config: RunnableConfig | None) -> AIM
 async def _arun_one(
     call: ModelCall, config: RunnableConfig | None, gate: asyncio.Semaphore | None
 ) -> CallResult:
+    """One attempt (async), reported to the observers when it ends."""
     if gate is not None:
         async with gate:
-            return await _arun_one(call, config, None)
+            return _finished(await _attempt(call, config))
+    return _finished(await _attempt(call, config))
+
+
+async def _attempt(call: ModelCall, config: RunnableConfig | None) -> CallResult:
     if call.close is not None and call.close.closed(time.perf_counter()):
         return CallResult(call, error=_straggler(call, 0.0))  # the layer closed while queued
     started = time.perf_counter()
@@ -768,7 +782,7 @@ async def astream(
                     with _child_scope(child):
                         chunk = await iterator.__anext__()
                 except StopAsyncIteration:
-                    CallResult(call, latency_s=time.perf_counter() - begun)  # for observers
+                    _finished(CallResult(call, latency_s=time.perf_counter() - begun))
                     if (rest := masker.flush()) is not None:
                         yield rest
                     return
@@ -776,7 +790,7 @@ async def astream(
                     raise
                 except Exception as exc:
                     error = _error(call, exc)
-                    CallResult(call, error=error, latency_s=time.perf_counter() - begun)
+                    _finished(CallResult(call, error=error, latency_s=time.perf_counter() - begun))
                     break
                 started = True
                 yield masker.chunk(chunk)  # type: ignore[misc]
