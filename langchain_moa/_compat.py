@@ -15,6 +15,9 @@ runs the unit tests at those minimums) and with the latest releases.
 - `node_attempt`: the attempt number of the running node (1-based) for retry decisions.
 - `environ_snapshot`: the standard library's raw mapping behind ``os.environ``, so the
   redactor can tell in under a microsecond whether the environment changed.
+- `plain_validation_init`: pydantic's marker of its own ``BaseModel.__init__``, so a model
+  whose ``__init__`` only rewords errors is still validated without it by
+  ``model_validate`` (a config file keeps pydantic's structured errors and its context).
 """
 
 from __future__ import annotations
@@ -36,6 +39,17 @@ def environ_snapshot() -> dict[Any, Any] | None:
     return raw if isinstance(raw, dict) else None
 
 
+def plain_validation_init(init: Any) -> Any:
+    """Mark a pydantic model's ``__init__`` as one ``model_validate`` need not call.
+
+    Pydantic calls an overridden ``__init__`` from ``model_validate`` too (a "custom init"),
+    without the validation context; an ``__init__`` that only turns the `ValidationError`
+    of direct construction into one line is not needed there.
+    """
+    init.__pydantic_base_init__ = True
+    return init
+
+
 def node_attempt(runtime: Any) -> int:
     """The running LangGraph node's attempt number (1 on the first try)."""
     return int(runtime.execution_info.node_attempt)
@@ -47,5 +61,6 @@ __all__ = [
     "configure_hooks",
     "environ_snapshot",
     "node_attempt",
+    "plain_validation_init",
     "var_child_runnable_config",
 ]

@@ -60,6 +60,14 @@ from langgraph.errors import GraphBubbleUp
 from pydantic import BaseModel
 
 from langchain_moa._compat import configure_hooks, var_child_runnable_config
+from langchain_moa.errors import (
+    CallError,
+    is_client_timeout,
+    is_connection_error,
+    is_model_rejected,
+    is_transient_error,
+    status_code,
+)
 from langchain_moa.models import model_endpoint, model_label
 from langchain_moa.redaction import (
     answer_secrets,
@@ -77,156 +85,40 @@ NOSTREAM = "nostream"
 
 # ------------------------------------------------------------------------ errors
 
-_NOT_RETRIED_NAMES = frozenset(
-    {
-        "AuthenticationError",
-        "PermissionDeniedError",
-        "PermissionDenied",
-        "NotFoundError",
-        "NotFound",
-        "BadRequestError",
-        "UnprocessableEntityError",
-        "InvalidArgument",
-    }
-)
-_TRANSIENT_NAMES = frozenset(
-    {
-        # openai / anthropic / mistral style SDKs
-        "APIConnectionError",
-        "APITimeoutError",
-        "RateLimitError",
-        "InternalServerError",
-        "OverloadedError",
-        "ServiceUnavailableError",
-        # httpx transport errors (connect, read, write, pool timeouts, protocol hiccups)
-        "TransportError",
-        "TimeoutException",
-        # google api_core
-        "ServiceUnavailable",
-        "TooManyRequests",
-        "ResourceExhausted",
-        "DeadlineExceeded",
-    }
-)
-_TRANSIENT_STATUS = frozenset({408, 409, 425, 429})
 
+def call_error(exc: BaseException, role: str, model: str, *, client: Any = None) -> CallError:
+    """The one-line, redacted `CallError` for a provider's exception.
 
-def status_code(exc: BaseException) -> int | None:
-    """The HTTP status a provider error carries (on itself or its response), if any."""
-    for holder in (exc, getattr(exc, "response", None)):
-        status = getattr(holder, "status_code", None)
-        if isinstance(status, int):
-            return status
-    return None
-
-
-def is_transient_error(exc: BaseException) -> bool:
-    """Whether retrying the same request may succeed.
-
-    Retried: connection errors, client-side timeouts, rate limits (429), request timeouts
-    (408), conflicts (409) and server errors (5xx). Not retried: authentication,
-    permission, not-found and bad-request errors (other 4xx), `ValueError` and `TypeError`
-    (a malformed request fails the same way every time), and anything unrecognised.
-    Provider SDKs are recognised by HTTP status where they expose one, else by class name,
-    so no provider package has to be imported. A `CallError` answers with its own
-    `transient` flag, computed from the provider's error when it was raised.
+    `client` is the chat model that was called: when the server could not be reached,
+    the reason names its origin (``(could not reach http://127.0.0.1:9)``; never the
+    userinfo, path or query), which the provider's "Connection error." leaves out. The
+    exception is classified by type here (`langchain_moa.errors`), once: the `CallError`
+    keeps the answers, not the exception.
     """
-    if isinstance(exc, CallError):
-        return exc.transient
-    if isinstance(exc, (ValueError, TypeError)):
-        return False
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    if names & _NOT_RETRIED_NAMES:
-        return False
-    status = status_code(exc)
-    if status is not None:
-        return status >= 500 or status in _TRANSIENT_STATUS
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    return bool(names & _TRANSIENT_NAMES)
-
-
-class CallError(RuntimeError):
-    """A model call failed. The text is one redacted line naming the role and the model.
-
-    Attributes tell a caller what a retry decision needs, without the provider's exception
-    object (which holds the request, its headers included):
-
-    - ``role``: who was called (``"aggregator"``, ``"proposer 2"``, ``"judge 1"``...);
-    - ``model``: the model's name;
-    - ``error_type``: the provider error's class name (``"RateLimitError"``);
-    - ``status_code``: the HTTP status when there was one;
-    - ``transient``: True when retrying may succeed (see `is_transient_error`);
-    - ``timed_out``: True when the call's own time budget ran out.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        role: str,
-        model: str,
-        error_type: str,
-        status_code: int | None = None,
-        transient: bool = False,
-        timed_out: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.role = role
-        self.model = model
-        self.error_type = error_type
-        self.status_code = status_code
-        self.transient = transient
-        self.timed_out = timed_out
-
-    @property
-    def reason(self) -> str:
-        """The text after ``role (model): ``: what went wrong."""
-        prefix = f"{self.role} ({self.model}): "
-        text = str(self)
-        return text[len(prefix) :] if text.startswith(prefix) else text
-
-    @classmethod
-    def timeout(cls, role: str, model: str, seconds: float) -> CallError:
-        return cls(
-            f"{role} ({model}): TimeoutError: no answer within {seconds:g} s",
-            role=role,
-            model=model,
-            error_type="TimeoutError",
-            transient=True,
-            timed_out=True,
-        )
-
-    @classmethod
-    def from_exception(
-        cls, exc: BaseException, role: str, model: str, *, client: Any = None
-    ) -> CallError:
-        """The one-line, redacted `CallError` for a provider's exception.
-
-        `client` is the chat model that was called: when the server could not be reached,
-        the reason names its origin (``(could not reach http://127.0.0.1:9)``; never the
-        userinfo, path or query), which the provider's "Connection error." leaves out.
-        """
-        if isinstance(exc, CallError):  # a nested MoA failed: keep its own account
-            reason, error_type = str(exc), exc.error_type
-        elif isinstance(exc, IndexError):  # langchain-core indexing an empty generation list
-            reason = f"the model returned no answer (empty 'choices'): IndexError: {exc}"
-            error_type = "IndexError"
-        else:
-            text = one_line(str(exc), limit=700, whole=True)  # complete, on one line
-            error_type = type(exc).__name__
-            reason = f"{error_type}: {text}" if text else error_type
-            endpoint = model_endpoint(client) if _is_connection_error(exc) else None
-            if endpoint:
-                reason = f"{reason} (could not reach {endpoint})"
-        return cls(
-            one_line(f"{role} ({model}): {reason}", limit=800),
-            role=role,
-            model=model,
-            error_type=error_type,
-            status_code=status_code(exc),
-            transient=is_transient_error(exc),
-        )
+    rejected, unreachable = is_model_rejected(exc), is_connection_error(exc)
+    if isinstance(exc, CallError):  # a nested MoA failed: keep its own account
+        reason, error_type = str(exc), exc.error_type
+        rejected, unreachable = exc.rejected, exc.unreachable
+    elif isinstance(exc, IndexError):  # langchain-core indexing an empty generation list
+        reason = f"the model returned no answer (empty 'choices'): IndexError: {exc}"
+        error_type = "IndexError"
+    else:
+        text = one_line(str(exc), limit=700, whole=True)  # complete, on one line
+        error_type = type(exc).__name__
+        reason = f"{error_type}: {text}" if text else error_type
+        endpoint = model_endpoint(client) if unreachable else None
+        if endpoint:
+            reason = f"{reason} (could not reach {endpoint})"
+    return CallError(
+        one_line(f"{role} ({model}): {reason}", limit=800),
+        role=role,
+        model=model,
+        error_type=error_type,
+        status_code=status_code(exc),
+        transient=is_transient_error(exc),
+        rejected=rejected,
+        unreachable=unreachable,
+    )
 
 
 # ------------------------------------------------------------------- layer close
@@ -406,16 +298,16 @@ def _takes_request_timeout(model: Any) -> bool:
 
 @dataclass
 class CallResult:
-    """What one call gave: the answer or the error, and how long it took."""
+    """What one call attempt gave: the answer or the error, and how long it took.
+
+    A plain value: building one tells nobody. Observers (`observe`) hear of each finished
+    attempt once, from `_finished`, where the call layer ends an attempt.
+    """
 
     call: ModelCall
     message: AIMessage | None = None
     error: CallError | None = None
     latency_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        for observer in _observers.get():  # every finished attempt, once
-            observer(self)
 
     @property
     def ok(self) -> bool:
@@ -429,6 +321,13 @@ class CallResult:
 _observers: contextvars.ContextVar[tuple[Callable[[CallResult], None], ...]] = (
     contextvars.ContextVar("moa_call_observers", default=())
 )
+
+
+def _finished(result: CallResult) -> CallResult:
+    """An attempt ended: tell the observers, once (the one place that does)."""
+    for observer in _observers.get():
+        observer(result)
+    return result
 
 
 @contextmanager
@@ -458,33 +357,16 @@ def check_timeout(value: Any, name: str) -> float | None:
     return None if math.isinf(value) else float(value)
 
 
-_CLIENT_TIMEOUT_NAMES = frozenset({"APITimeoutError", "TimeoutException"})
-_CONNECTION_ERROR_NAMES = frozenset({"APIConnectionError", "ConnectError", "ConnectionError"})
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    """The server was not reached (refused, no route, DNS): not a timeout, not an HTTP error."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    return bool(names & _CONNECTION_ERROR_NAMES) and not _is_client_timeout(exc)
-
-
-def _is_client_timeout(exc: BaseException) -> bool:
-    """A timeout raised by the model's own HTTP client (openai SDK, httpx) or asyncio."""
-    return isinstance(exc, TimeoutError) or any(
-        cls.__name__ in _CLIENT_TIMEOUT_NAMES for cls in type(exc).__mro__
-    )
-
-
 def _error(call: ModelCall, exc: BaseException) -> CallError:
     # Learn the failing model's keys first: a model no face registered (a sampling
     # policy, a user's bound model) may be the one whose key the provider echoes.
     register_models([call.model], again=True)
-    if call.timeout is not None and _is_client_timeout(exc):
+    if call.timeout is not None and is_client_timeout(exc):
         # The budget went down as the client's request timeout (`ModelCall.kwargs`), so
         # the client giving up first is the same event as the budget running out: one
         # account of it, whichever timer fired first.
         return CallError.timeout(call.role, call.model_name, call.timeout)
-    return CallError.from_exception(exc, call.role, call.model_name, client=call.model)
+    return call_error(exc, call.role, call.model_name, client=call.model)
 
 
 # ------------------------------------------------------------------ time budget
@@ -656,7 +538,7 @@ def run_all(
                 i = waiting.pop()
                 close = calls[i].close
                 if close is not None and close.closed(now):  # never started: dropped
-                    results[i] = CallResult(calls[i], error=_straggler(calls[i], 0.0))
+                    results[i] = _finished(CallResult(calls[i], error=_straggler(calls[i], 0.0)))
                     continue
                 running[i] = _Worker(calls[i], config, changed)
             deadlines = [d for w in running.values() if (d := _deadline(w)) is not None]
@@ -669,7 +551,7 @@ def run_all(
                 if worker.finished or (deadline is not None and now >= deadline):
                     del running[i]
                     worker.budget.abandoned = not worker.finished
-                    results[i] = _settle(worker, now)
+                    results[i] = _finished(_settle(worker, now))
                     if worker.call.close is not None:
                         worker.call.close.record(results[i])  # type: ignore[arg-type]
     finally:
@@ -690,11 +572,13 @@ def _invoke_once(call: ModelCall, config: RunnableConfig | None) -> CallResult:
         except (GraphBubbleUp, KeyboardInterrupt):
             raise
         except Exception as exc:
-            return CallResult(
-                call, error=_error(call, exc), latency_s=time.perf_counter() - started
+            return _finished(
+                CallResult(call, error=_error(call, exc), latency_s=time.perf_counter() - started)
             )
-        return CallResult(call, message=message, latency_s=time.perf_counter() - started)
-    return run_all([call], config)[0]
+        return _finished(
+            CallResult(call, message=message, latency_s=time.perf_counter() - started)
+        )
+    return run_all([call], config)[0]  # reported by run_all
 
 
 def invoke(call: ModelCall, config: RunnableConfig | None = None) -> AIMessage:
@@ -732,7 +616,7 @@ def stream(call: ModelCall, config: RunnableConfig | None = None) -> Iterator[AI
                     with _child_scope(child):
                         chunk = next(iterator)
                 except StopIteration:
-                    CallResult(call, latency_s=time.perf_counter() - begun)  # for observers
+                    _finished(CallResult(call, latency_s=time.perf_counter() - begun))
                     if (rest := masker.flush()) is not None:
                         yield rest
                     return
@@ -740,7 +624,7 @@ def stream(call: ModelCall, config: RunnableConfig | None = None) -> Iterator[AI
                     raise
                 except Exception as exc:
                     error = _error(call, exc)
-                    CallResult(call, error=error, latency_s=time.perf_counter() - begun)
+                    _finished(CallResult(call, error=error, latency_s=time.perf_counter() - begun))
                     break
                 started = True
                 yield masker.chunk(chunk)  # type: ignore[misc]
@@ -767,9 +651,14 @@ async def _ainvoke_inline(call: ModelCall, config: RunnableConfig | None) -> AIM
 async def _arun_one(
     call: ModelCall, config: RunnableConfig | None, gate: asyncio.Semaphore | None
 ) -> CallResult:
+    """One attempt (async), reported to the observers when it ends."""
     if gate is not None:
         async with gate:
-            return await _arun_one(call, config, None)
+            return _finished(await _attempt(call, config))
+    return _finished(await _attempt(call, config))
+
+
+async def _attempt(call: ModelCall, config: RunnableConfig | None) -> CallResult:
     if call.close is not None and call.close.closed(time.perf_counter()):
         return CallResult(call, error=_straggler(call, 0.0))  # the layer closed while queued
     started = time.perf_counter()
@@ -893,7 +782,7 @@ async def astream(
                     with _child_scope(child):
                         chunk = await iterator.__anext__()
                 except StopAsyncIteration:
-                    CallResult(call, latency_s=time.perf_counter() - begun)  # for observers
+                    _finished(CallResult(call, latency_s=time.perf_counter() - begun))
                     if (rest := masker.flush()) is not None:
                         yield rest
                     return
@@ -901,7 +790,7 @@ async def astream(
                     raise
                 except Exception as exc:
                     error = _error(call, exc)
-                    CallResult(call, error=error, latency_s=time.perf_counter() - begun)
+                    _finished(CallResult(call, error=error, latency_s=time.perf_counter() - begun))
                     break
                 started = True
                 yield masker.chunk(chunk)  # type: ignore[misc]
@@ -1043,10 +932,8 @@ class _Scrubber:
         if isinstance(error, (CallError, GraphBubbleUp, KeyboardInterrupt)):
             return error
         if self.call is None:
-            return CallError.from_exception(error, "model", type(error).__name__)
-        return CallError.from_exception(
-            error, self.call.role, self.call.model_name, client=self.call.model
-        )
+            return call_error(error, "model", type(error).__name__)
+        return call_error(error, self.call.role, self.call.model_name, client=self.call.model)
 
     def answer(self, value: Any) -> Any:
         return mask_message(value, self.secrets)

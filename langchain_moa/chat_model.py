@@ -50,7 +50,6 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -64,11 +63,11 @@ from langchain_moa.calls import check_timeout
 from langchain_moa.engine import MoAEngine
 from langchain_moa.errors import ConfigError
 from langchain_moa.models import model_label, resolve_model
-from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
 from langchain_moa.redaction import redact, register_models
+from langchain_moa.settings import MoASettings
 
 
-class ChatMoA(BaseChatModel):
+class ChatMoA(BaseChatModel, MoASettings):
     """Mixture-of-Agents chat model.
 
     Example:
@@ -88,28 +87,15 @@ class ChatMoA(BaseChatModel):
     proposal, and `usage_metadata` sums every call made.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+    # The MoA settings (layers, aggregator_prompt, proposer_timeout, min_proposers,
+    # layer_quorum, straggler_grace, early_stop, reference_placement) are `MoASettings`'
+    # fields, inherited with their validation: declared once for every face.
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", frozen=False)
 
     proposers: list[BaseChatModel] = Field(default_factory=list)
     """Proposer models (instances or `init_chat_model` strings)."""
     aggregator: BaseChatModel
     """The model that writes the final answer (instance or `init_chat_model` string)."""
-    layers: int = 2
-    """Total layers including the final aggregation; 1 means the aggregator alone."""
-    aggregator_prompt: str = DEFAULT_AGGREGATOR_PROMPT
-    """Instruction placed before the numbered answers."""
-    proposer_timeout: float | None = None
-    """Seconds; a proposer not done by then is cancelled and dropped (None or inf: no limit)."""
-    min_proposers: int = 1
-    """A layer with fewer successful answers raises `MoAError`."""
-    layer_quorum: int | None = None
-    """Close a proposer layer once this many answered; None waits for all (the reference)."""
-    straggler_grace: float = 0.5
-    """With `layer_quorum`: the others get this many times the elapsed layer time more."""
-    early_stop: Any = None
-    """Skip the remaining proposer layers: ``"agreement"`` or a function of the answers."""
-    reference_placement: Literal["first_system", "after_conversation"] = "first_system"
-    """Drafts in the first system message (the reference) or after the conversation."""
 
     # LangChain's standard parameters. They describe the model that answers, the
     # aggregator, and apply to it alone: proposers keep their own settings (forcing one
@@ -134,13 +120,7 @@ class ChatMoA(BaseChatModel):
         unknown = sorted(k for k in kwargs if k not in type(self).model_fields)
         if unknown:
             raise ConfigError(_unknown_arguments(unknown, list(type(self).model_fields)))
-        try:
-            super().__init__(**kwargs)
-        except ValidationError as exc:
-            error = ConfigError(_one_line_validation(exc))
-        else:
-            return
-        raise error  # outside the handler: pydantic's multi-line report is not chained
+        super().__init__(**kwargs)  # MoASettings turns pydantic's report into one line
 
     @model_validator(mode="before")
     @classmethod
@@ -167,8 +147,7 @@ class ChatMoA(BaseChatModel):
     @field_validator("timeout")
     @classmethod
     def _check_timeout(cls, value: float | None) -> float | None:
-        check_timeout(value, "timeout")
-        return value
+        return check_timeout(value, "timeout")  # inf: no limit (None)
 
     @field_validator("max_tokens", "max_retries")
     @classmethod
@@ -194,23 +173,18 @@ class ChatMoA(BaseChatModel):
     def engine(self) -> MoAEngine:
         """The MoA engine for the current field values.
 
-        Derived on every access (it is cheap: no I/O), so ``model_copy(update=...)`` and
-        ``configurable_fields`` never leave a stale configuration behind.
+        Derived on every access (it is cheap: no I/O, no validation; the fields were
+        validated when this model was built), so ``model_copy(update=...)`` and
+        ``configurable_fields`` never leave a stale configuration behind. The model is
+        its own `MoASettings`.
         """
         return MoAEngine(
             proposers=tuple(self.proposers),
             aggregator=self.aggregator,
-            layers=self.layers,
-            aggregator_prompt=self.aggregator_prompt,
-            proposer_timeout=self.proposer_timeout,
-            min_proposers=self.min_proposers,
+            settings=self,
             aggregator_options=self._aggregator_options(),
             aggregator_timeout=self.timeout,
             aggregator_retries=self.max_retries or 0,
-            layer_quorum=self.layer_quorum,
-            straggler_grace=self.straggler_grace,
-            early_stop=self.early_stop,
-            reference_placement=self.reference_placement,
         )
 
     def _aggregator_options(self) -> dict[str, Any]:
@@ -561,11 +535,3 @@ def _unknown_arguments(unknown: list[str], known: list[str]) -> str:
         close = difflib.get_close_matches(name, known, n=1)
         parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     return f"ChatMoA got unknown argument(s): {', '.join(parts)}"
-
-
-def _one_line_validation(exc: ValidationError) -> str:
-    """A pydantic report as one line: ``ChatMoA: <field>: <reason>``."""
-    first = exc.errors(include_url=False)[0]
-    where = ".".join(str(part) for part in first.get("loc", ()))
-    reason = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return redact(f"ChatMoA: {where + ': ' if where else ''}{reason}".splitlines()[0])

@@ -31,6 +31,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Tool
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_openai import ChatOpenAI
 
+from langchain_moa.errors import ConstrainedOutputError
 from langchain_moa.local import request_in_flight
 from langchain_moa.references import text_only_history, with_system_text
 
@@ -39,10 +40,6 @@ _ANSWER = {
     "properties": {"answer": {"type": "string"}},
     "required": ["answer"],
 }
-
-
-class ConstrainedOutputError(ValueError):
-    """The model's constrained answer is not usable (cut off, or not the JSON asked for)."""
 
 
 def _function(tool: dict[str, Any]) -> dict[str, Any]:

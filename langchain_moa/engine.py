@@ -12,12 +12,11 @@ for the graph, over the single steps those are made of.
 from __future__ import annotations
 
 import json
-import math
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
@@ -26,11 +25,11 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import BaseModel, ConfigDict
 
 from langchain_moa import calls
-from langchain_moa.calls import CallResult, LayerClose, ModelCall, check_timeout, sum_usage
+from langchain_moa.calls import CallResult, LayerClose, ModelCall, sum_usage
 from langchain_moa.errors import MoAError
 from langchain_moa.models import model_label
-from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
-from langchain_moa.references import Placement, inject_references, text_only_history
+from langchain_moa.references import inject_references, text_only_history
+from langchain_moa.settings import EarlyStop, MoASettings
 
 _TOOL_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "strict")
 _KEPT_RESPONSE_KEYS = ("finish_reason", "model_provider", "system_fingerprint", "service_tier")
@@ -145,20 +144,11 @@ def agreement(answers: Sequence[str]) -> bool:
     return len(answers) >= 2 and len({normalize_answer(a) for a in answers}) == 1
 
 
-EarlyStop = Literal["agreement"] | Callable[[list[str]], bool] | None
-
-
 def early_stop_predicate(early_stop: EarlyStop) -> Callable[[list[str]], bool] | None:
+    """The function `early_stop` stands for (validated by `MoASettings`), or None."""
     if early_stop is None:
         return None
-    if early_stop == "agreement":
-        return agreement
-    if callable(early_stop):
-        return early_stop
-    raise ValueError(
-        f"early_stop must be None, 'agreement' or a function of the layer's answers, "
-        f"got {early_stop!r}"
-    )
+    return agreement if early_stop == "agreement" else early_stop  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------- results
@@ -167,45 +157,6 @@ def early_stop_predicate(early_stop: EarlyStop) -> Callable[[list[str]], bool] |
 def final_response_metadata(aggregator_metadata: dict[str, Any]) -> dict[str, Any]:
     """Keep the aggregator's response fields that describe the final answer."""
     return {k: aggregator_metadata[k] for k in _KEPT_RESPONSE_KEYS if k in aggregator_metadata}
-
-
-def validate_moa_config(
-    *, n_proposers: int, layers: Any, min_proposers: Any, proposer_timeout: Any
-) -> float | None:
-    """Raise a one-line `ValueError` for a configuration that cannot work.
-
-    Returns the proposer timeout normalised (``inf`` means no limit: None).
-    """
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
-        raise ValueError(f"layers must be an integer >= 1 (1 = aggregator alone), got {layers!r}")
-    if layers > 1 and n_proposers == 0:
-        raise ValueError(
-            f"layers={layers} needs at least one proposer; pass proposers=[...] or use layers=1"
-        )
-    if isinstance(min_proposers, bool) or not isinstance(min_proposers, int) or min_proposers < 1:
-        raise ValueError(f"min_proposers must be an integer >= 1, got {min_proposers!r}")
-    if layers > 1 and min_proposers > n_proposers:
-        raise ValueError(
-            f"min_proposers={min_proposers} is more than the {n_proposers} proposers given; "
-            f"lower min_proposers or add proposers"
-        )
-    return check_timeout(proposer_timeout, "proposer_timeout")
-
-
-def validate_layer_close(
-    *, n_proposers: int, min_proposers: int, layer_quorum: Any, straggler_grace: Any
-) -> None:
-    """Raise a one-line `ValueError` for an early-close setting that cannot work."""
-    k, g = layer_quorum, straggler_grace
-    if k is not None and (
-        isinstance(k, bool) or not isinstance(k, int) or not min_proposers <= k <= n_proposers
-    ):
-        raise ValueError(
-            f"layer_quorum must be an integer from min_proposers ({min_proposers}) "
-            f"to the number of proposers ({n_proposers}), or None to wait for all; got {k!r}"
-        )
-    if isinstance(g, bool) or not isinstance(g, (int, float)) or not (0 <= g < math.inf):
-        raise ValueError(f"straggler_grace must be a finite number >= 0, got {g!r}")
 
 
 def _as_chunk(message: BaseMessage) -> AIMessageChunk:
@@ -252,50 +203,24 @@ class MoAEngine:
 
     proposers: tuple[BaseChatModel, ...]
     aggregator: Runnable
-    layers: int = 2
-    aggregator_prompt: str = DEFAULT_AGGREGATOR_PROMPT
-    proposer_timeout: float | None = None
-    min_proposers: int = 1
+    settings: MoASettings = field(default_factory=MoASettings)
+    """The validated MoA settings (layers, quorum, timeouts, early stop, placement...)."""
     aggregator_hidden: bool = True
     """Hidden inside `ChatMoA` (it re-emits the tokens itself); visible in the graph."""
     aggregator_options: dict[str, Any] = field(default_factory=dict)
     """Default call options for the aggregator (temperature, max_tokens, stop...)."""
     aggregator_timeout: float | None = None
+    """Seconds for the aggregator's call, None for no limit (validated by the face)."""
     aggregator_retries: int = 0
-    layer_quorum: int | None = None
-    """Close a proposer layer once this many answered (None: wait for every proposer)."""
-    straggler_grace: float = 0.5
-    """After the quorum, the others get this many times the elapsed layer time more."""
-    early_stop: EarlyStop = None
-    """Skip the remaining proposer layers: ``"agreement"`` or a function of the answers."""
-    reference_placement: Placement = "first_system"
-    """Where drafts go: the first system message (reference) or after the conversation."""
 
     def __post_init__(self) -> None:
-        timeout = validate_moa_config(
-            n_proposers=len(self.proposers),
-            layers=self.layers,
-            min_proposers=self.min_proposers,
-            proposer_timeout=self.proposer_timeout,
-        )
-        object.__setattr__(self, "proposer_timeout", timeout)
-        object.__setattr__(
-            self, "aggregator_timeout", check_timeout(self.aggregator_timeout, "timeout")
-        )
-        early_stop_predicate(self.early_stop)  # validates
-        inject_references([], [], "", self.reference_placement)  # validates
-        validate_layer_close(
-            n_proposers=len(self.proposers),
-            min_proposers=self.min_proposers,
-            layer_quorum=self.layer_quorum,
-            straggler_grace=self.straggler_grace,
-        )
+        self.settings.check_proposers(len(self.proposers))
 
     # ----------------------------------------------------------------- structure
     @property
     def proposer_layers(self) -> int:
         """Number of proposer layers (the last layer is the aggregator)."""
-        return self.layers - 1
+        return self.settings.layers - 1
 
     @property
     def calls_per_answer(self) -> int:
@@ -313,8 +238,9 @@ class MoAEngine:
         history = text_only_history(conversation)
         if previous is None:
             return history
+        settings = self.settings
         return inject_references(
-            history, answers_of(previous), self.aggregator_prompt, self.reference_placement
+            history, answers_of(previous), settings.aggregator_prompt, settings.reference_placement
         )
 
     def aggregator_input(
@@ -323,9 +249,11 @@ class MoAEngine:
         """Messages for the aggregator: the conversation with the last layer's answers injected."""
         if previous is None:
             return list(conversation)
+        settings = self.settings
         return inject_references(
-            conversation, answers_of(previous), self.aggregator_prompt, self.reference_placement
-        )
+            conversation, answers_of(previous), settings.aggregator_prompt,
+            settings.reference_placement,
+        )  # fmt: skip
 
     def check_conversation(self, conversation: Sequence[BaseMessage]) -> None:
         if not conversation:
@@ -336,27 +264,27 @@ class MoAEngine:
     def check_quorum(self, proposals: Sequence[Proposal]) -> None:
         """Raise `MoAError` naming every failed proposer when too few answered."""
         ok = sum(p.ok for p in proposals)
-        if ok >= self.min_proposers:
+        if ok >= self.settings.min_proposers:
             return
         failed = [p for p in proposals if not p.ok]
         layer = proposals[0].layer if proposals else 0
         details = "; ".join(f"{p.label}: {p.error}" for p in failed)
         raise MoAError(
             f"only {ok} of {len(proposals)} proposers answered in layer {layer} "
-            f"(min_proposers={self.min_proposers}): {details}",
+            f"(min_proposers={self.settings.min_proposers}): {details}",
             failures=failed,
         )
 
     # ------------------------------------------------------------------ requests
     def layer_close(self) -> LayerClose | None:
         """A fresh early-close rule for one layer (None when every proposer is awaited)."""
-        if self.layer_quorum is None:
+        if self.settings.layer_quorum is None:
             return None
-        return LayerClose(self.layer_quorum, self.straggler_grace)
+        return LayerClose(self.settings.layer_quorum, self.settings.straggler_grace)
 
     def stop_early(self, proposals: Sequence[Proposal]) -> bool:
         """Whether `early_stop` says the remaining proposer layers can be skipped."""
-        predicate = early_stop_predicate(self.early_stop)
+        predicate = early_stop_predicate(self.settings.early_stop)
         return predicate is not None and bool(predicate(answers_of(proposals)))
 
     def proposer_call(
@@ -373,7 +301,7 @@ class MoAEngine:
             kind="proposer",
             metadata={"moa_layer": layer, "moa_proposer": index},
             run_name=f"moa_proposer_{index + 1}_layer_{layer}",  # 1-based, as people count
-            timeout=self.proposer_timeout,
+            timeout=self.settings.proposer_timeout,
             close=close,
         )
 
@@ -395,7 +323,7 @@ class MoAEngine:
             role="aggregator",
             kind="aggregator",
             hidden=self.aggregator_hidden,
-            metadata={"moa_layer": self.layers},
+            metadata={"moa_layer": self.settings.layers},
             run_name="moa_aggregator",
             options=options,
             timeout=self.aggregator_timeout,
@@ -673,6 +601,4 @@ __all__ = [
     "normalize_answer",
     "final_response_metadata",
     "sum_usage",
-    "validate_layer_close",
-    "validate_moa_config",
 ]

@@ -58,7 +58,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, TypedDict
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AnyMessage
@@ -73,17 +73,16 @@ from langgraph.types import Overwrite, RetryPolicy, Send
 
 from langchain_moa import calls
 from langchain_moa._compat import RunnableCallable, node_attempt
-from langchain_moa.calls import CallError, LayerClose, is_transient_error
+from langchain_moa.calls import LayerClose
 from langchain_moa.engine import (
-    EarlyStop,
     MoAEngine,
     Proposal,
     agreement,
     normalize_answer,
 )
-from langchain_moa.errors import MoAError
+from langchain_moa.errors import CallError, ConfigError, MoAError, is_transient_error
 from langchain_moa.models import resolve_model
-from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
+from langchain_moa.settings import MoASettings
 
 __all__ = [
     "DEFAULT_RETRY_POLICY",
@@ -170,7 +169,7 @@ def _policies(retry_policy: RetryPolicy | Sequence[RetryPolicy] | None) -> tuple
         return (retry_policy,)
     policies = tuple(retry_policy)
     if not all(isinstance(p, RetryPolicy) for p in policies):
-        raise ValueError("retry_policy must be a RetryPolicy, a sequence of them, or None")
+        raise ConfigError("retry_policy must be a RetryPolicy, a sequence of them, or None")
     return policies
 
 
@@ -355,7 +354,7 @@ def _aggregator_kwargs(tools: Sequence[Any] | None, tool_choice: Any) -> dict[st
         if tool_choice is not None:
             kwargs["tool_choice"] = tool_choice
     elif tool_choice is not None:
-        raise ValueError("tool_choice needs tools=[...]")
+        raise ConfigError("tool_choice needs tools=[...]")
     return kwargs
 
 
@@ -363,14 +362,7 @@ def build_moa_graph(
     proposers: Sequence[BaseChatModel | str] | BaseChatModel | str | None = None,
     aggregator: BaseChatModel | str | None = None,
     *,
-    layers: int = 2,
-    aggregator_prompt: str = DEFAULT_AGGREGATOR_PROMPT,
-    proposer_timeout: float | None = None,
-    min_proposers: int = 1,
-    early_stop: EarlyStop = None,
-    layer_quorum: int | None = None,
-    straggler_grace: float = 0.5,
-    reference_placement: Literal["first_system", "after_conversation"] = "first_system",
+    settings: MoASettings | None = None,
     retry_policy: RetryPolicy | Sequence[RetryPolicy] | None = None,
     tools: Sequence[Any] | None = None,
     tool_choice: Any = None,
@@ -378,26 +370,15 @@ def build_moa_graph(
     interrupt_before: Sequence[str] | None = None,
     interrupt_after: Sequence[str] | None = None,
     name: str = "moa",
+    **moa_settings: Any,
 ) -> CompiledStateGraph:
     """Compile the MoA graph; add it as a node of a `MessagesState` graph or run it alone.
 
     Args:
         proposers: proposer models (instances or `init_chat_model` strings).
         aggregator: the model writing the final answer (instance or string).
-        layers: total layers including the aggregation; 1 = the aggregator alone.
-        aggregator_prompt: instruction placed before the numbered answers.
-        proposer_timeout: seconds per proposer call; a slower proposer is dropped.
-        min_proposers: a layer with fewer successful answers fails with `MoAError`.
-        early_stop: ``"agreement"`` (skip the remaining proposer layers when every
-            successful answer of a layer is the same after normalisation) or a function
-            of the layer's successful answers (proposer order) returning True to stop.
-        layer_quorum, straggler_grace: close a proposer layer early: once
-            ``layer_quorum`` proposers answered, the others get ``straggler_grace`` times
-            the elapsed layer time more, then are dropped and recorded as stragglers (the
-            same rule as `ChatMoA`; None waits for every proposer, the reference structure).
-        reference_placement: ``"first_system"`` (the reference structure) or
-            ``"after_conversation"`` (drafts in a system message after the conversation,
-            which keeps a provider's prompt cache valid; see docs/chat-model.md).
+        settings: the MoA settings as a `MoASettings`; or pass them as keyword arguments
+            (``**moa_settings``), not both.
         retry_policy: policies for proposer and aggregator nodes; None means
             `DEFAULT_RETRY_POLICY` (transient errors, 3 attempts). Pass
             ``RetryPolicy(max_attempts=1)`` to disable retries.
@@ -406,13 +387,31 @@ def build_moa_graph(
         checkpointer: as for `StateGraph.compile`; None inherits the parent's.
         interrupt_before, interrupt_after: node names, as for `StateGraph.compile`.
         name: the compiled graph's name.
+        **moa_settings: any `MoASettings` field, meaning what it means on `ChatMoA`:
+            ``layers`` (total layers, 1 = the aggregator alone), ``aggregator_prompt``,
+            ``proposer_timeout`` (a slower proposer is dropped), ``min_proposers`` (a
+            layer with fewer answers fails with `MoAError`), ``early_stop``
+            (``"agreement"`` or a function of a layer's successful answers returning True
+            to skip the remaining proposer layers), ``layer_quorum`` and
+            ``straggler_grace`` (close a layer early: once ``layer_quorum`` proposers
+            answered, the others get ``straggler_grace`` times the elapsed layer time
+            more), ``reference_placement`` (``"first_system"``, the reference structure,
+            or ``"after_conversation"``, which keeps a provider's prompt cache valid).
 
-    The configuration is validated by `MoAEngine` (one-line `ValueError`s). The compiled
-    graph's ``moa_engine`` attribute is that engine (with the visible aggregator tags: in
-    the graph the aggregator node is the final, streamed step).
+    A bad setting is a one-line `ConfigError` raised here, before any model is called,
+    with the message `ChatMoA` gives for it. The compiled graph's ``moa_engine``
+    attribute is the engine it runs (with the visible aggregator tags: in the graph the
+    aggregator node is the final, streamed step).
     """
+    if settings is None:
+        settings = MoASettings(**moa_settings)
+    elif moa_settings:
+        raise ConfigError(
+            f"pass the MoA settings either as settings=MoASettings(...) or as keyword "
+            f"arguments, not both (got settings= and {', '.join(sorted(moa_settings))})"
+        )
     if aggregator is None:
-        raise ValueError("aggregator is required: pass a chat model or a model string")
+        raise ConfigError("aggregator is required: pass a chat model or a model string")
     if proposers is None:
         proposers = []
     elif isinstance(proposers, (str, BaseChatModel)):
@@ -422,15 +421,8 @@ def build_moa_graph(
             resolve_model(spec, role=f"proposer {i + 1}") for i, spec in enumerate(proposers)
         ),
         aggregator=resolve_model(aggregator, role="aggregator"),
-        layers=layers,
-        aggregator_prompt=aggregator_prompt,
-        proposer_timeout=proposer_timeout,
-        min_proposers=min_proposers,
+        settings=settings,
         aggregator_hidden=False,
-        layer_quorum=layer_quorum,
-        straggler_grace=straggler_grace,
-        early_stop=early_stop,
-        reference_placement=reference_placement,
     )
     nodes = _MoANodes(
         engine,

@@ -47,10 +47,11 @@ from langchain_core.runnables import Runnable, RunnableConfig
 
 from langchain_moa import calls
 from langchain_moa.calls import CallResult, ModelCall, sum_usage
-from langchain_moa.errors import ConfigError, MoAError
+from langchain_moa.errors import ConfigError, JudgeError
 from langchain_moa.models import model_endpoint, model_label, resolve_model
 from langchain_moa.redaction import register_models
 from langchain_moa.references import inject_references
+from langchain_moa.settings import shown
 
 Mode = Literal["pairwise", "pointwise", "likelihood"]
 Scoring = Literal["verdict", "probability"]
@@ -110,10 +111,6 @@ _STOPWORDS = set(
     "please should so than that the their them then there these this to was we what when "
     "where which who why will with would you your about into give tell write make explain".split()
 )
-
-
-class JudgeError(MoAError):
-    """No judge produced a usable verdict for a rank."""
 
 
 def parse_pairwise(text: str) -> str | None:
@@ -497,17 +494,31 @@ class MoAJudge:
                 allows at most 20).
         """
         if not judges:
-            raise ValueError("MoAJudge needs at least one judge model: judges=[...]")
+            raise ConfigError("MoAJudge needs at least one judge model: judges=[...]")
         if mode not in MODES:
-            raise ValueError(f"mode must be 'pairwise', 'pointwise' or 'likelihood', got {mode!r}")
+            raise ConfigError(
+                f"mode must be 'pairwise', 'pointwise' or 'likelihood', got {shown(mode)}"
+            )
         if isinstance(criteria, str) and criteria != "dynamic":
-            raise ValueError("criteria must be a list of strings, 'dynamic' or None")
+            raise ConfigError("criteria must be a list of strings, 'dynamic' or None")
         if scoring not in ("verdict", "probability"):
-            raise ValueError(f"scoring must be 'verdict' or 'probability', got {scoring!r}")
-        if not isinstance(top_logprobs, int) or not 1 <= top_logprobs <= 20:
-            raise ValueError(f"top_logprobs must be an integer from 1 to 20, got {top_logprobs!r}")
-        if max_concurrency is not None and max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1 or None, got {max_concurrency!r}")
+            raise ConfigError(f"scoring must be 'verdict' or 'probability', got {shown(scoring)}")
+        if (
+            isinstance(top_logprobs, bool)
+            or not isinstance(top_logprobs, int)
+            or not (1 <= top_logprobs <= 20)
+        ):
+            raise ConfigError(
+                f"top_logprobs must be an integer from 1 to 20, got {shown(top_logprobs)}"
+            )
+        if max_concurrency is not None and (
+            isinstance(max_concurrency, bool)
+            or not isinstance(max_concurrency, int)
+            or max_concurrency < 1
+        ):
+            raise ConfigError(
+                f"max_concurrency must be at least 1 or None, got {shown(max_concurrency)}"
+            )
         if mode == "likelihood":
             _check_likelihood(grammar, aggregator, criteria, scoring)
         self.judges = [_as_model(j, f"judge {i + 1}") for i, j in enumerate(judges)]

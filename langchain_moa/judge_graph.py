@@ -18,8 +18,10 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from typing_extensions import TypedDict
 
+from langchain_moa.errors import ConfigError
 from langchain_moa.judge import MoAJudge
 from langchain_moa.pipelines import sample_candidates, sample_candidates_sync
+from langchain_moa.settings import shown
 
 
 class JudgeState(TypedDict, total=False):
@@ -93,10 +95,12 @@ def build_judge_graph(
     (pointwise); None accepts the first round. The final answer is appended to
     ``messages`` and stored in ``best``.
     """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n must be at least 1, got {shown(n)}")
     if n < 2 and judge.mode == "pairwise":
-        raise ValueError("pairwise judging needs n >= 2 candidates")
-    if max_attempts < 1:
-        raise ValueError("max_attempts must be at least 1")
+        raise ConfigError(f"n must be at least 2 for pairwise judging, got {n}")
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise ConfigError(f"max_attempts must be at least 1, got {shown(max_attempts)}")
 
     async def agenerate(state: JudgeState, config: RunnableConfig) -> dict[str, Any]:
         candidates = await sample_candidates(generator, _as_dicts(_prompt_of(state)), n, config)

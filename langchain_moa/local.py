@@ -36,7 +36,7 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 
 from langchain_moa.calls import given_up, queued
-from langchain_moa.errors import ConfigError, install_command
+from langchain_moa.errors import ConfigError, LocalModelNotFoundError, install_command
 
 logger = logging.getLogger("langchain_moa.local")
 
@@ -45,10 +45,6 @@ BUNDLED_VERSION = "0.1.2"
 BUNDLED_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_ALIAS = "smollm2-135m-instruct"
 GGUF_MAGIC = b"GGUF"
-
-
-class LocalModelNotFoundError(ConfigError):
-    """No model file for the embedded server; the message says how to get one."""
 
 
 # ------------------------------------------------------------------ resolution

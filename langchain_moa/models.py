@@ -2,7 +2,7 @@
 
 A spec is either a `BaseChatModel` instance or a string understood by LangChain's
 `init_chat_model` (``"openai:gpt-4o-mini"``). Resolution errors become one-line
-`ValueError`s raised at construction, before any request is made.
+`ConfigError`s raised at construction, before any request is made.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 
+from langchain_moa.errors import ConfigError
 from langchain_moa.redaction import redact
 
 ModelSpec = BaseChatModel | str
 
 
 def resolve_model(spec: Any, *, role: str, **options: Any) -> BaseChatModel:
-    """Return a chat model for `spec`, or raise a `ValueError` that names `role`.
+    """Return a chat model for `spec`, or raise a `ConfigError` that names `role`.
 
     `options` (e.g. ``api_key``) are passed to ``init_chat_model`` for model strings.
     """
@@ -25,19 +26,19 @@ def resolve_model(spec: Any, *, role: str, **options: Any) -> BaseChatModel:
         return spec
     if isinstance(spec, str):
         if not spec.strip():
-            raise ValueError(f"{role}: empty model string; use e.g. 'openai:gpt-4o-mini'")
+            raise ConfigError(f"{role}: empty model string; use e.g. 'openai:gpt-4o-mini'")
         try:
             from langchain.chat_models import init_chat_model
         except ImportError as exc:  # pragma: no cover - langchain is a dependency
-            raise ValueError(f"{role}: model strings need the 'langchain' package") from exc
+            raise ConfigError(f"{role}: model strings need the 'langchain' package") from exc
         try:
             return init_chat_model(spec, **options)
         except Exception as exc:  # provider-specific errors: unknown provider, missing key...
             first_line = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else ""
-            raise ValueError(
+            raise ConfigError(
                 f"{role}: cannot create model {spec!r}: {type(exc).__name__}: {first_line}"
             ) from None
-    raise ValueError(
+    raise ConfigError(
         f"{role}: expected a BaseChatModel or a model string like 'openai:gpt-4o-mini', "
         f"got {type(spec).__name__}"
     )

@@ -45,15 +45,11 @@ from langchain_core.runnables import RunnableConfig
 
 from langchain_moa import calls
 from langchain_moa.calls import CallResult, ModelCall
-from langchain_moa.errors import ConfigError
+from langchain_moa.errors import ConfigError, OutputBusy, RunInterrupted, RunStopped
 from langchain_moa.recipes import MAX_SAMPLES
 from langchain_moa.redaction import one_line, redact
 
 HF_PREFIX = "hf://datasets/"
-
-# Errors that mean "this model cannot be used as configured", not "this row went wrong".
-_UNREACHABLE = ("AuthenticationError", "PermissionDeniedError", "NotFoundError")
-_CONNECTION = ("ConnectionError", "ConnectError", "ConnectionRefusedError", "OSError")
 
 
 @dataclass
@@ -134,30 +130,6 @@ class RunSummary:
         ]
         shown = [f"{n} {what}" for n, what in parts if n or what in ("written", "failed")]
         return f"read {self.read} row{'s' if self.read != 1 else ''}: " + ", ".join(shown)
-
-
-class RunStopped(ConfigError):
-    """The first row showed that a model cannot be used; nothing else was sent."""
-
-    def __init__(self, message: str, summary: RunSummary) -> None:
-        super().__init__(message)
-        self.summary = summary
-
-
-class RunInterrupted(asyncio.CancelledError):
-    """The run was cancelled (Ctrl-C); `summary` counts what was written before.
-
-    Still a `CancelledError` (cancellation propagates as asyncio expects); OUT holds only
-    complete rows, and a rerun finishes the rest exactly once.
-    """
-
-    def __init__(self, summary: RunSummary) -> None:
-        super().__init__("the run was interrupted")
-        self.summary = summary
-
-
-class OutputBusy(ConfigError):
-    """Another run holds OUT's lock."""
 
 
 # ------------------------------------------------------------------------ input
@@ -620,10 +592,9 @@ class _Watch:
         error = result.error
         if error is None:
             return
-        # by suffix: wrappers rename provider errors (OpenAIAuthenticationError)
-        if error.status_code in (401, 403, 404) or error.error_type.endswith(_UNREACHABLE):
+        if error.rejected:  # classified by type when the call failed (`errors`)
             self.blocked.append(str(error))
-        elif error.error_type.endswith(_CONNECTION):
+        elif error.unreachable:
             self.connection.append(str(error))
 
 

@@ -34,7 +34,6 @@ is redacted besides, so a key pasted into the wrong field is never echoed.
 from __future__ import annotations
 
 import difflib
-import math
 import os
 import re
 import sys
@@ -57,9 +56,11 @@ from pydantic import (
     model_validator,
 )
 
-from langchain_moa.engine import validate_layer_close, validate_moa_config
 from langchain_moa.errors import ConfigError
-from langchain_moa.redaction import looks_like_secret, redact, register_env
+from langchain_moa.redaction import redact, register_env
+from langchain_moa.settings import MoASettings
+from langchain_moa.settings import could_be_secret as _could_be_secret
+from langchain_moa.settings import shown as _shown
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -109,47 +110,17 @@ RANGES: dict[str, str] = {
 }
 """What each numeric field accepts, as its error message says it (docs/recipes.md too)."""
 
+_FILE_RANGES: dict[str, tuple[float, float]] = {
+    "layers": (1, MAX_LAYERS),
+    "min_proposers": (1, MAX_PROPOSERS),
+    "layer_quorum": (1, MAX_PROPOSERS),
+    "proposer_timeout": (MIN_TIMEOUT, MAX_TIMEOUT),
+    "straggler_grace": (0, MAX_GRACE),
+}
+"""The MoA settings' ranges in a recipe (`MoASettings` checks their types and signs)."""
+
 # StrictFloat takes ints (30 means 30.0) but neither bools nor numeric strings; no inf/nan.
 _Seconds = Annotated[StrictFloat, Field(ge=MIN_TIMEOUT, le=MAX_TIMEOUT, allow_inf_nan=False)]
-_Count = Annotated[StrictInt, Field(ge=1, le=MAX_PROPOSERS)]
-
-# Where a value could be a key: a run of 16+ characters mixing letter cases or digits.
-_WORD_BREAK = re.compile(r"[\s\-/.:_@,;=+'\"()\[\]{}]+")
-
-
-def _could_be_secret(text: str) -> bool:
-    """Whether a message must not repeat `text`: a known key shape, or a long random run.
-
-    Model names, variable names and typos split into short words ("Llama-3.3-70B",
-    "TOGETHER_API_KEY", "temprature"); keys are long runs of mixed characters.
-    """
-    if looks_like_secret(text):
-        return True
-    for word in _WORD_BREAK.split(text):
-        classes = sum(
-            any(test(c) for c in word) for test in (str.islower, str.isupper, str.isdigit)
-        )
-        if len(word) >= 16 and classes >= 2:
-            return True
-    return False
-
-
-def _shown(value: Any) -> str:
-    """A value for an error message: numbers as they are, text only when it is no key."""
-    if isinstance(value, bool) or value is None:
-        return repr(value)
-    if isinstance(value, int):
-        if value.bit_length() > 64:  # repr of 10**5000 fails; a 20-digit number says enough
-            return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
-        return repr(value)
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, str):
-        if len(value) <= 40 and value.isprintable() and not _could_be_secret(value):
-            return repr(value)
-        return f"a string of {len(value)} characters (not repeated: it could be a key)"
-    return type(value).__name__
-
 
 def _hide_secrets(text: str) -> str:
     """A parser's message with every quoted part that could be a key left out."""
@@ -358,13 +329,14 @@ class LabelSettings(BaseModel):
     """Let the aggregator re-judge with the judges' verdicts in view."""
 
 
-class Recipe(BaseModel):
-    """A named MoA configuration: which models, how many layers, the quorum and timeout.
+class Recipe(MoASettings):
+    """A named MoA configuration: which models, plus the MoA settings (`MoASettings`).
 
-    Fields are in config-file order (scalars, then the model tables), which is also the
-    order pydantic checks them in, so the first error reported is the first one a reader
-    meets. Construction runs the engine's own checks (`validate_moa_config`), so a recipe
-    that exists can run.
+    The MoA settings (layers, min_proposers, proposer_timeout, layer_quorum...) are
+    inherited from `MoASettings`, with its checks; a config file may set any of them, and a
+    number must also be in the range `RANGES` documents for files (``layers = 100`` is a
+    typo, not a plan). A recipe that exists can run: construction runs the same checks the
+    engine does (`MoASettings.check_proposers`).
     """
 
     model_config = ConfigDict(
@@ -373,17 +345,6 @@ class Recipe(BaseModel):
 
     name: StrictStr
     description: StrictStr = ""
-    layers: Annotated[StrictInt, Field(ge=1, le=MAX_LAYERS)] = 2
-    min_proposers: _Count = 1
-    proposer_timeout: _Seconds | None = None
-    """Seconds a proposer layer waits; None (or inf) means no limit."""
-    aggregator_prompt: StrictStr | None = None
-    layer_quorum: _Count | None = None
-    """Close a proposer layer once this many answered (None: wait for all)."""
-    straggler_grace: Annotated[StrictFloat, Field(ge=0, le=MAX_GRACE, allow_inf_nan=False)] = 0.5
-    """With layer_quorum: the others get this many times the elapsed layer time more."""
-    early_stop: Literal["agreement"] | None = None
-    reference_placement: Literal["first_system", "after_conversation"] = "first_system"
     label: LabelSettings = LabelSettings()
     """Defaults of `moa label` ([label] table in a config file)."""
     proposers: Annotated[list[ModelEntry], Field(max_length=MAX_PROPOSERS)]
@@ -391,37 +352,19 @@ class Recipe(BaseModel):
     source: StrictStr | None = None
     """The config file this recipe came from (None for shipped recipes); not compared."""
 
-    @field_validator("proposer_timeout", mode="before")
-    @classmethod
-    def _inf_is_no_limit(cls, value: Any) -> Any:
-        # The engine's normal form, before the range check (which refuses nan and -inf).
-        return None if isinstance(value, float) and value == math.inf else value
-
     @model_validator(mode="after")
     def _can_run(self, info: ValidationInfo) -> Recipe:
-        """The engine's checks (quorum, layers, timeout), with its one-line messages."""
-        if self.layers > 1 and not self.proposers:
-            in_file = bool(info.context and info.context.get("config_file"))
+        """The file ranges, then the engine's checks (quorum, layers), one line each."""
+        for field, (low, high) in _FILE_RANGES.items():
+            value = getattr(self, field)
+            if value is not None and not low <= value <= high:
+                raise _FieldError(field, f"must be {RANGES[field]}, got {_shown(value)}")
+        in_file = bool(info.context and info.context.get("config_file"))
+        if self.layers > 1 and not self.proposers and in_file:
             raise _FieldError(
-                "proposers",
-                "add at least one [[proposers]] entry, or set layers = 1"
-                if in_file
-                else "add at least one proposer, or set layers = 1",
+                "proposers", "add at least one [[proposers]] entry, or set layers = 1"
             )
-        # Returns the normalised timeout, which `_inf_is_no_limit` has already stored (a
-        # frozen model cannot be changed here).
-        validate_moa_config(
-            n_proposers=len(self.proposers),
-            layers=self.layers,
-            min_proposers=self.min_proposers,
-            proposer_timeout=self.proposer_timeout,
-        )
-        validate_layer_close(
-            n_proposers=len(self.proposers),
-            min_proposers=self.min_proposers,
-            layer_quorum=self.layer_quorum,
-            straggler_grace=self.straggler_grace,
-        )
+        self.check_proposers(len(self.proposers))
         return self
 
     def _compared(self) -> tuple[Any, ...]:
@@ -482,20 +425,8 @@ class Recipe(BaseModel):
     def chat_moa_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `ChatMoA` / `build_moa_graph` (models built now)."""
         proposers, aggregator = self.build_models()
-        kwargs: dict[str, Any] = {
-            "proposers": proposers,
-            "aggregator": aggregator,
-            "layers": self.layers,
-            "min_proposers": self.min_proposers,
-            "proposer_timeout": self.proposer_timeout,
-            "layer_quorum": self.layer_quorum,
-            "straggler_grace": self.straggler_grace,
-            "early_stop": self.early_stop,
-            "reference_placement": self.reference_placement,
-        }
-        if self.aggregator_prompt is not None:
-            kwargs["aggregator_prompt"] = self.aggregator_prompt
-        return kwargs
+        settings = {name: getattr(self, name) for name in MoASettings.model_fields}
+        return {"proposers": proposers, "aggregator": aggregator, **settings}
 
 
 # ------------------------------------------------------------------ shipped recipes
@@ -667,6 +598,8 @@ def _describe(exc: ValidationError, source: str, keys: Sequence[Any] = ()) -> st
         if isinstance(cause, _FieldError):
             loc = (*loc, cause.field)
         reason = str(cause) if cause is not None else error["msg"]
+        if loc and isinstance(cause, ConfigError):  # worded in the setting's name
+            reason = reason.removeprefix(f"{loc[-1]} ")
     else:
         field = next((p for p in reversed(loc) if isinstance(p, str)), "")
         secret = field == "api_key_env"  # the value might be a pasted key

@@ -293,11 +293,11 @@ def test_stream_yields_aggregator_tokens_then_a_closing_chunk() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"layers": 0}, "layers must be an integer >= 1"),
+        ({"layers": 0}, "layers must be at least 1, got 0"),
         ({"layers": 2, "proposers": []}, "layers=2 needs at least one proposer"),
         ({"min_proposers": 3}, "min_proposers=3 is more than the 2 proposers given"),
-        ({"min_proposers": 0}, "min_proposers must be an integer >= 1"),
-        ({"proposer_timeout": -1}, "proposer_timeout must be a positive number"),
+        ({"min_proposers": 0}, "min_proposers must be at least 1, got 0"),
+        ({"proposer_timeout": -1}, "proposer_timeout must be greater than 0, got -1"),
         ({"proposers": ["nosuchprovider:model-x"]}, "proposer 1: cannot create model"),
         ({"aggregator": 42}, "aggregator: expected a BaseChatModel"),
     ],

@@ -823,10 +823,10 @@ def test_agent_example_stops_at_the_step_cap() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"layers": 0}, "layers must be an integer >= 1"),
+        ({"layers": 0}, "layers must be at least 1, got 0"),
         ({"layers": 2, "proposers": []}, "layers=2 needs at least one proposer"),
         ({"min_proposers": 3}, "min_proposers=3 is more than the 2 proposers given"),
-        ({"proposer_timeout": -1}, "proposer_timeout must be a positive number"),
+        ({"proposer_timeout": -1}, "proposer_timeout must be greater than 0, got -1"),
         ({"proposers": ["nosuchprovider:model-x"]}, "proposer 1: cannot create model"),
         ({"aggregator": 42}, "aggregator: expected a BaseChatModel"),
         ({"aggregator": None}, "aggregator is required"),

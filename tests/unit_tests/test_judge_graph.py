@@ -8,6 +8,7 @@ import pytest
 from langchain_core.messages import HumanMessage
 from langgraph.graph import START, StateGraph
 
+from langchain_moa.errors import ConfigError
 from langchain_moa.judge import MoAJudge
 from langchain_moa.judge_graph import JudgeState, build_judge_graph, judge_node
 from langchain_moa.testing import ScriptedChatModel
@@ -66,7 +67,7 @@ def test_judge_graph_stops_after_max_attempts() -> None:
 
 def test_bad_graph_arguments() -> None:
     judge = MoAJudge(judges=[ScriptedChatModel(reply="[[A]]")])
-    with pytest.raises(ValueError, match="n >= 2"):
+    with pytest.raises(ConfigError, match="n must be at least 2 for pairwise judging, got 1"):
         build_judge_graph(judge, ScriptedChatModel(), n=1)
-    with pytest.raises(ValueError, match="max_attempts"):
+    with pytest.raises(ConfigError, match="max_attempts must be at least 1, got 0"):
         build_judge_graph(judge, ScriptedChatModel(), max_attempts=0)

@@ -7,6 +7,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 from huggingface_hub import constants as hub_constants
 
@@ -210,8 +212,12 @@ def test_push_uploads_at_the_end(tmp_path: Path, monkeypatch, write_jsonl, read_
 # ------------------------------------------------------------ the first row probe
 
 
-class AuthenticationError(Exception):
-    """Named like the OpenAI SDK's 401 error (the probe goes by the error's kind)."""
+def AuthenticationError(message: str) -> openai.AuthenticationError:  # noqa: N802
+    """The OpenAI SDK's 401 error (the probe goes by the error's type)."""
+    request = httpx.Request("POST", "https://api.example.com/v1/chat/completions")
+    return openai.AuthenticationError(
+        message, response=httpx.Response(401, request=request), body=None
+    )
 
 
 def test_a_model_that_cannot_be_used_stops_the_run_after_the_first_row(

@@ -12,6 +12,7 @@ import yaml
 from langchain_openai import ChatOpenAI
 
 from langchain_moa import ChatMoA, ConfigError
+from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
 from langchain_moa.recipes import (
     RECIPES,
     TOGETHER_BASE_URL,
@@ -109,6 +110,7 @@ def test_chat_moa_kwargs_shape(monkeypatch) -> None:
     assert set(kwargs) == {
         "proposers", "aggregator", "layers", "min_proposers", "proposer_timeout",
         "layer_quorum", "straggler_grace", "early_stop", "reference_placement",
+        "aggregator_prompt",
     }  # fmt: skip
     assert kwargs["layers"] == 2 and kwargs["proposer_timeout"] == 120
     assert kwargs["layer_quorum"] is None  # shipped recipes keep the reference structure
@@ -211,7 +213,8 @@ def test_yaml_config_matches_the_same_toml(tmp_path: Path, monkeypatch, suffix: 
 def test_defaults_and_local_provider(tmp_path: Path) -> None:
     recipe = load_recipe(write(tmp_path, "[[proposers]]\nprovider='local'\n" + AGG, "mine.toml"))
     assert recipe.name == "mine" and recipe.layers == 2 and recipe.min_proposers == 1
-    assert recipe.proposer_timeout is None and recipe.aggregator_prompt is None
+    assert recipe.proposer_timeout is None
+    assert recipe.aggregator_prompt == DEFAULT_AGGREGATOR_PROMPT
     assert recipe.proposers[0].provider == "local" and recipe.proposers[0].model is None
     assert not recipe.is_local  # the aggregator is an endpoint
 
@@ -422,12 +425,10 @@ def test_yaml_non_string_keys_and_bools(tmp_path: Path) -> None:
 
 
 def test_programmatic_recipes_get_the_engine_checks() -> None:
-    from pydantic import ValidationError
-
     entry = ModelEntry(model="m", base_url="http://x")
-    with pytest.raises(ValidationError, match="add at least one proposer, or set layers = 1"):
+    with pytest.raises(ConfigError, match="layers=2 needs at least one proposer"):
         Recipe(name="r", proposers=[], aggregator=entry, layers=2)
-    with pytest.raises(ValidationError, match="min_proposers=3 is more than"):
+    with pytest.raises(ConfigError, match="min_proposers=3 is more than"):
         Recipe(name="r", proposers=[entry], aggregator=entry, min_proposers=3)
     recipe = Recipe(name="r", proposers=[entry], aggregator=entry, proposer_timeout=float("inf"))
     assert recipe.proposer_timeout is None and recipe.source is None
