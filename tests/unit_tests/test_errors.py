@@ -178,7 +178,7 @@ JUDGE_FACES = [
     (lambda: MoAJudge(judges=[]), "MoAJudge needs at least one judge model: judges=[...]"),
     (
         lambda: MoAJudge(judges=[ScriptedChatModel()], mode="listwise"),  # type: ignore[arg-type]
-        "mode must be 'pairwise' or 'pointwise', got 'listwise'",
+        "mode must be 'pairwise', 'pointwise' or 'likelihood', got 'listwise'",
     ),
     (
         lambda: MoAJudge(judges=[ScriptedChatModel()], criteria="strict"),

@@ -665,7 +665,7 @@ def test_label_reports_responses_edited_under_a_done_id(tmp_path: Path, write_js
 # ------------------------------------------------------- a run-wide system message
 
 
-def test_system_is_part_of_each_rows_content(tmp_path: Path) -> None:
+def test_system_is_part_of_each_rows_content(tmp_path: Path, write_jsonl, read_jsonl) -> None:
     """The run's system message goes first where a row has none; it is the row's content."""
     own = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "b"}]
     sent = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "a"}]
@@ -687,7 +687,9 @@ def test_system_is_part_of_each_rows_content(tmp_path: Path) -> None:
     assert again.answered == ["a"] and summary.skipped == 2
 
 
-def test_label_system_and_temperature_shape_the_policys_samples(tmp_path: Path) -> None:
+def test_label_system_and_temperature_shape_the_policys_samples(
+    tmp_path: Path, write_jsonl, read_jsonl
+) -> None:
     policy = ScriptedChatModel(reply=lambda m: "s" * (len(policy.calls) % 3 + 1))
     seen = []
     bind = policy.bind
@@ -726,7 +728,7 @@ def test_label_system_and_temperature_shape_the_policys_samples(tmp_path: Path) 
     ],
 )
 def test_label_sampling_options_without_a_policy_are_refused(
-    tmp_path: Path, options: dict, fragment: str
+    tmp_path: Path, options: dict, fragment: str, write_jsonl
 ) -> None:
     judge = MoAJudge(judges=[ScriptedChatModel(reply="[[A]]")], swap=False)
     source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "q", "responses": ["a", "b"]}])
@@ -734,7 +736,7 @@ def test_label_sampling_options_without_a_policy_are_refused(
         label(source, tmp_path / "out.jsonl", judge, **options)
 
 
-def test_an_empty_system_message_is_refused(tmp_path: Path) -> None:
+def test_an_empty_system_message_is_refused(tmp_path: Path, write_jsonl) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", prompts("q"))
     with pytest.raises(ConfigError, match="--system is empty"):
         generate(source, tmp_path / "out.jsonl", Recorder().moa, system="  ")
