@@ -65,8 +65,8 @@ def rescore(details: dict[str, Any], mode: str, use_probability: bool) -> list[f
             first = {"A": 1.0, "B": 0.0, "C": 0.5}[v["verdict"]]
             if use_probability and v["probability_score"] is not None:
                 first = v["probability_score"]
-            key = v["key"]
-            for_zero = first if key["first"] == 0 else 1.0 - first
+            # both orders of the one pair (0, 1): "swapped" means candidate 1 was shown first
+            for_zero = 1.0 - first if v["key"]["swapped"] else first
             votes.setdefault((v["judge"],), []).append(for_zero)
         for per_order in votes.values():
             vote = sum(per_order) / len(per_order)
@@ -129,10 +129,15 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N pairs only")
     parser.add_argument("--modes", default="likelihood,pointwise,pairwise")
     args = parser.parse_args()
+    runs = {mode: run(mode, args.limit) for mode in args.modes.split(",")}
+    stored = RESULTS / "judge_scoring.json"
+    if stored.exists():  # keep the modes not rerun this time
+        earlier = json.loads(stored.read_text())["runs"]
+        runs = {**{r["mode"]: r for r in earlier}, **runs}
     results = {
         "set": str(DATA.relative_to(HERE.parent)),
         "machine": {"python": platform.python_version(), "cpu": platform.processor()},
-        "runs": [run(mode, args.limit) for mode in args.modes.split(",")],
+        "runs": list(runs.values()),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "judge_scoring.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -291,14 +291,15 @@ def register(sub: Any, add_model_options: Callable[[argparse.ArgumentParser], No
         "--mode",
         choices=["pairwise", "pointwise", "likelihood"],
         help="judge pairs, rate each candidate alone, or score each by the judges' token "
-        "probabilities of writing it (local models only) (default: the recipe's, pairwise)",
+        "probabilities of writing it (local models only) (default: the recipe's; local: "
+        "likelihood, others: pairwise)",
     )
     lab.add_argument(
         "--scoring",
         choices=["verdict", "probability"],
         help="pairwise/pointwise: count the written verdicts, or read the judges' token "
         "probabilities at the verdict, P(A) vs P(B) or the expected rating, where the "
-        "server returns them (default: the recipe's; local: probability, others: verdict)",
+        "server returns them (default: the recipe's, verdict)",
     )
     lab.add_argument(
         "--swap",

@@ -491,11 +491,11 @@ RECIPES: dict[str, Recipe] = {
         aggregator=_local(0.3, 7, 512),
         layers=2,
         proposer_timeout=120,
-        # Pairwise in both orders, scored by P(A) vs P(B) at the verdict: on the shipped
-        # right/wrong pairs a 135M judge is right 98 % of the time this way, 90 % by its
-        # written verdicts, 50 % (chance) by pointwise ratings (docs/judge.md). 4 samples and
-        # no aggregator: 4 + 36 calls per prompt (85 with 5 samples and the aggregator).
-        label=LabelSettings(mode="pairwise", scoring="probability", samples=4, aggregate=False),
+        # Likelihood: on the shipped right/wrong pairs a 135M judge's written verdicts and
+        # its probabilities at the verdict are chance (50 %), while the probability it gives
+        # each answer picks the right one 88 % of the time (docs/judge.md). 4 samples, each
+        # scored once (the 3 judges are one model in 3 seeds): 8 calls per prompt.
+        label=LabelSettings(mode="likelihood", samples=4, aggregate=False),
     ),
     "together-moa": _together_recipe(
         "together-moa",
