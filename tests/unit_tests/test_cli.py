@@ -1001,7 +1001,7 @@ def test_show_proposals_with_one_layer_is_refused(capsys) -> None:
             "--aggregate needs written verdicts, and likelihood judging has none",
         ),
         (["--mode", "likelihood", "--scoring", "probability"], "--scoring needs written verdicts"),
-        (["--aggregate"], "--aggregate needs written verdicts, and likelihood judging has none (the"),
+        (["--aggregate"], "--aggregate needs written verdicts, and likelihood judging has none"),
         (["--mode", "likelihood", "--criteria", "dynamic"], "--criteria needs written verdicts"),
         (
             ["--mode", "likelihood", "--recipe", "together-moa-lite"],

@@ -694,7 +694,8 @@ def test_a_random_key_in_a_parse_error_is_never_repeated(
         (f"layers = 1\n{RANDOM_KEY} = 1\n" + AGG,
          "a field whose name is not repeated (it could be a key): unknown field"),
         (f"layers = 1\n[label]\nmode = '{RANDOM_KEY}'\n" + AGG,
-         "label.mode: must be one of 'pairwise', 'pointwise' or 'likelihood', got a string of 20 characters"),
+         "label.mode: must be one of 'pairwise', 'pointwise' or 'likelihood', got a string of 20 "
+         "characters"),
         (f"layers = 1\n[aggregator]\nmodel='m'\nbase_url='http://x'\nseed='{RANDOM_KEY}'\n",
          "aggregator.seed: expected integer, got a string of 20 characters"),
     ],
