@@ -387,7 +387,8 @@ def test_outputs_load_with_datasets_one_type_per_column(
 def test_cli_label_takes_the_recipes_defaults_and_flags_override_them(
     tmp_path: Path, monkeypatch, capsys, cli_models, write_jsonl, read_jsonl
 ) -> None:
-    from langchain_moa import cli, cli_data
+    from langchain_moa import cli
+    from langchain_moa.cli import data as cli_data
     from langchain_moa.recipes import LabelSettings
 
     def rate(messages) -> str:  # longer is better, in either mode
