@@ -80,7 +80,7 @@ def _changed_line(changed: list[dict[str, Any]], output: str) -> str:
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
-    from langchain_moa.pipelines import parse_shard
+    from langchain_moa.data.rows import parse_shard
 
     return {
         "concurrency": args.concurrency,
@@ -92,7 +92,7 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from langchain_moa.chat_model import ChatMoA
-    from langchain_moa.pipelines import agenerate, check_system
+    from langchain_moa.data import agenerate, check_system
 
     options = _run_options(args)  # flags first: a bad --shard costs no model start
     check_system(args.system)
@@ -105,8 +105,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
+    from langchain_moa.data import alabel
     from langchain_moa.judge import MoAJudge
-    from langchain_moa.pipelines import alabel
     from langchain_moa.recipes import LabelSettings
 
     options = _run_options(args)
@@ -152,7 +152,7 @@ def _run_and_report(run: Any, output: str) -> int:
     leaves OUT with whole rows only; the pipeline then raises `RunInterrupted` with its
     summary, caught here inside the same task.
     """
-    from langchain_moa.pipelines import RunInterrupted
+    from langchain_moa.errors import RunInterrupted
 
     async def guarded() -> tuple[Any, bool]:
         try:
@@ -170,7 +170,7 @@ def _run_and_report(run: Any, output: str) -> int:
 
 def check_label_flags(args: argparse.Namespace, defaults: Any) -> None:
     """Refuse flags that would be silently ignored (one line, exit 2)."""
-    from langchain_moa.pipelines import check_policy_options
+    from langchain_moa.data import check_policy_options
 
     mode = args.mode or defaults.mode
     if args.swap is not None and mode != "pairwise":

@@ -322,7 +322,8 @@ def test_json_with_show_proposals_keeps_stdout_pure_json(fake_moa, capsys) -> No
 def test_spinner_on_a_terminal_leaves_piped_stdout_alone(fake_moa, monkeypatch, capsys) -> None:
     """stderr is a terminal (spinner runs), stdout a pipe: stdout gets drafts and answer."""
     terminal = io.StringIO()
-    monkeypatch.setattr(cli.output, "err", Console(file=terminal, force_terminal=True, soft_wrap=True))
+    terminal_err = Console(file=terminal, force_terminal=True, soft_wrap=True)
+    monkeypatch.setattr(cli.output, "err", terminal_err)
     fake_moa.proposers[0].delay = 0.2  # the spinner is up while drafts are printed
     assert cli.main(["chat", "--show-proposals", "hello"]) == 0
     out = capsys.readouterr().out
@@ -865,7 +866,8 @@ def test_drafts_are_separated_by_blank_lines(fake_moa, capsys) -> None:
 def test_the_spinner_is_down_whenever_anything_is_printed(fake_moa, monkeypatch) -> None:
     """The terminal case: the spinner is stopped (erased) before each draft and the answer."""
     terminal = io.StringIO()
-    monkeypatch.setattr(cli.output, "err", Console(file=terminal, force_terminal=True, soft_wrap=True))
+    terminal_err = Console(file=terminal, force_terminal=True, soft_wrap=True)
+    monkeypatch.setattr(cli.output, "err", terminal_err)
     fake_moa.proposers[0].delay = 0.3  # drafts arrive while the spinner runs
     state = {"up": False, "starts": 0}
     real_start, real_stop = cli.output._Spinner.start, cli.output._Spinner.stop

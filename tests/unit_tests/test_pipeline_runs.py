@@ -13,16 +13,9 @@ import pytest
 from huggingface_hub import constants as hub_constants
 
 from langchain_moa import ChatMoA, ConfigError
+from langchain_moa.data import OutputBusy, RunStopped, content_id, generate, label
+from langchain_moa.data.output import errors_path_for, lock_output
 from langchain_moa.judge import MoAJudge
-from langchain_moa.pipelines import (
-    OutputBusy,
-    RunStopped,
-    content_id,
-    errors_path_for,
-    generate,
-    label,
-    lock_output,
-)
 from langchain_moa.testing import ScriptedChatModel
 
 
