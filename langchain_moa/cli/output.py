@@ -10,8 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
-from langchain_moa.calls import CallError
-from langchain_moa.errors import ConfigError, MoAError
+from langchain_moa.errors import CallError, ConfigError, MoAError
 from langchain_moa.redaction import one_line
 
 EXIT_OK = 0

@@ -14,8 +14,10 @@ import pytest
 
 import langchain_moa
 from langchain_moa import ConfigError, MoAJudge, build_judge_graph, errors
-from langchain_moa.calls import CallResult, ModelCall, call_error, is_transient_error
+from langchain_moa.calls import CallResult, ModelCall
 from langchain_moa.data.runner import _Watch
+from langchain_moa.errors import is_transient_error
+from langchain_moa.shielding import call_error
 from langchain_moa.testing.fakes import ScriptedChatModel
 
 REQUEST = httpx.Request("POST", "https://api.example.com/v1/chat/completions")
