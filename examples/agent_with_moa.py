@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    from langchain_moa.cli import moa_kwargs_for
+    from langchain_moa.cli.options import moa_kwargs_for
 
     for seed in args.seed or [None]:
         _, moa_kwargs = moa_kwargs_for(args.recipe, argparse.Namespace(seed=seed))

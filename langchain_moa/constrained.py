@@ -32,7 +32,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_openai import ChatOpenAI
 
 from langchain_moa.errors import ConstrainedOutputError
-from langchain_moa.local import request_in_flight
+from langchain_moa.inflight import request_in_flight
 from langchain_moa.references import text_only_history, with_system_text
 
 _ANSWER = {

@@ -4,7 +4,7 @@
 from the state and writes ``scores``, ``chosen``, ``rejected`` and ``judge_details`` back.
 `build_judge_graph` wires it into a small loop: generate N candidates, judge them, and
 regenerate while the best score is below a threshold (bounded), else return the best one.
-Candidate sampling reuses `pipelines.sample_candidates`, the same code `moa label` uses.
+Candidate sampling is `sampling.sample_candidates`, the same code `moa label` uses.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing_extensions import TypedDict
 
 from langchain_moa.errors import ConfigError
 from langchain_moa.judge import MoAJudge
-from langchain_moa.pipelines import sample_candidates, sample_candidates_sync
+from langchain_moa.sampling import sample_candidates, sample_candidates_sync
 from langchain_moa.settings import shown
 
 

@@ -28,7 +28,6 @@ import time
 import zipfile
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -37,6 +36,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 
 from langchain_moa.calls import given_up, queued
 from langchain_moa.errors import ConfigError, LocalModelNotFoundError, install_command
+from langchain_moa.inflight import wait_until_idle
 
 logger = logging.getLogger("langchain_moa.local")
 
@@ -460,31 +460,6 @@ class LocalServer:
             return
         del server
         logger.debug("local server for %s stopped", self.model_path.name)
-
-
-# Requests to the embedded servers now in flight (see `LocalServer.stop`).
-_in_flight = 0
-_in_flight_changed = threading.Condition()
-
-
-@contextmanager
-def request_in_flight() -> Iterator[None]:
-    """Count one request to an embedded server while it runs (`ChatLocal` wraps its calls)."""
-    global _in_flight
-    with _in_flight_changed:
-        _in_flight += 1
-    try:
-        yield
-    finally:
-        with _in_flight_changed:
-            _in_flight -= 1
-            _in_flight_changed.notify_all()
-
-
-def wait_until_idle(timeout: float) -> bool:
-    """Wait up to `timeout` seconds for no request to be in flight; True when none is."""
-    with _in_flight_changed:
-        return _in_flight_changed.wait_for(lambda: _in_flight == 0, timeout)
 
 
 def _keep_forever(server: Any) -> None:

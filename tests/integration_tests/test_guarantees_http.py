@@ -32,7 +32,7 @@ from langchain_openai import ChatOpenAI
 
 from langchain_moa import ChatMoA, MoAError, MoAJudge, build_judge_graph, build_moa_graph
 from langchain_moa.calls import CallError
-from langchain_moa.pipelines import RunStopped, agenerate
+from langchain_moa.data import RunStopped, agenerate
 from langchain_moa.testing import ModelScript, ScriptedOpenAIServer, start_moa_serve
 
 pytestmark = pytest.mark.http

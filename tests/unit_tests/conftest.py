@@ -81,7 +81,7 @@ def cli_models(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[Any], dic
     """``cli_models(models)``: `moa generate` and `moa label` take their models (ChatMoA
     arguments, ``all_local`` and, for label, ``label`` settings) from ``models(args)``
     instead of loading a recipe."""
-    from langchain_moa import cli_data
+    from langchain_moa.cli import data as cli_data
 
     def use(models: Callable[[Any], dict]) -> None:
         monkeypatch.setattr(cli_data, "_recipe_models", models)

@@ -27,9 +27,9 @@ from langchain_moa.calls import (
     ModelCall,
     arun_all,
     invoke,
-    is_transient_error,
     run_all,
 )
+from langchain_moa.errors import is_transient_error
 from langchain_moa.testing.fakes import ScriptedChatModel
 
 PATHS = ["invoke", "ainvoke", "stream", "astream"]

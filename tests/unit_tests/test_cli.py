@@ -55,7 +55,7 @@ def make_moa(**kwargs) -> ChatMoA:
 def fake_moa(monkeypatch) -> ChatMoA:
     """`moa chat` builds this instead of the recipe's models."""
     moa = make_moa()
-    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    monkeypatch.setattr(cli.chat, "build_chat_moa", lambda args: moa)
     return moa
 
 
@@ -141,13 +141,13 @@ def test_build_chat_moa_applies_config_layers_and_max_tokens(tmp_path: Path, mon
     path = tmp_path / "moa.toml"
     path.write_text(CONFIG)
     args = cli.build_parser().parse_args(["chat", "--config", str(path), "q"])
-    moa = cli.build_chat_moa(args)
+    moa = cli.chat.build_chat_moa(args)
     assert moa.layers == 3 and [m.model_name for m in moa.proposers] == ["p1", "p2"]
     assert moa.proposers[0].max_tokens == 500
     args = cli.build_parser().parse_args(
         ["chat", "--config", str(path), "--layers", "2", "--max-tokens", "7", "q"]
     )
-    moa = cli.build_chat_moa(args)
+    moa = cli.chat.build_chat_moa(args)
     assert moa.layers == 2
     assert all(
         isinstance(m, ChatOpenAI) and m.max_tokens == 7 for m in [*moa.proposers, moa.aggregator]
@@ -165,11 +165,11 @@ def test_proposer_timeout_and_min_proposers_override_the_recipe(
     args = cli.build_parser().parse_args(
         [*command, *config, "--proposer-timeout", "2.5", "--min-proposers", "2"]
     )
-    recipe, kwargs = cli.moa_kwargs_for(str(path), args)
+    recipe, kwargs = cli.options.moa_kwargs_for(str(path), args)
     assert (recipe.proposer_timeout, recipe.min_proposers) == (None, 1)  # the file's
     assert (kwargs["proposer_timeout"], kwargs["min_proposers"]) == (2.5, 2)
     args = cli.build_parser().parse_args([*command, *config, "--proposer-timeout", "inf"])
-    assert cli.moa_kwargs_for(str(path), args)[1]["proposer_timeout"] is None  # no limit
+    assert cli.options.moa_kwargs_for(str(path), args)[1]["proposer_timeout"] is None  # no limit
 
 
 @pytest.mark.parametrize(
@@ -199,7 +199,7 @@ def test_more_min_proposers_than_proposers_is_one_line(tmp_path: Path, monkeypat
 
 
 def test_generate_applies_the_same_sampling_flags_as_chat(tmp_path: Path, monkeypatch) -> None:
-    from langchain_moa import cli_data
+    from langchain_moa.cli import data as cli_data
 
     monkeypatch.setenv("CLI_TEST_KEY", "sk-cli-test-0123456789")
     path = tmp_path / "moa.toml"
@@ -209,7 +209,7 @@ def test_generate_applies_the_same_sampling_flags_as_chat(tmp_path: Path, monkey
     assert gen["temperature"] == 0.1  # the aggregator's, as in chat
     assert [m.seed for m in gen["proposers"]] == [7, 8] and gen["aggregator"].seed == 7
     assert {m.max_tokens for m in [*gen["proposers"], gen["aggregator"]]} == {9}
-    chat = cli.build_chat_moa(cli.build_parser().parse_args(["chat", *flags, "q"]))
+    chat = cli.chat.build_chat_moa(cli.build_parser().parse_args(["chat", *flags, "q"]))
     assert chat.temperature == 0.1 and [m.seed for m in chat.proposers] == [7, 8]
     label = cli.build_parser().parse_args(["label", "i", "o", "--config", str(path),
                                            "--max-tokens", "9", "--seed", "7"])  # fmt: skip
@@ -245,7 +245,7 @@ def test_chat_streams_chunk_by_chunk(monkeypatch) -> None:
             writes.append(text)
             return super().write(text)
 
-    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    monkeypatch.setattr(cli.chat, "build_chat_moa", lambda args: moa)
     monkeypatch.setattr("sys.stdout", Recorder())
     assert cli.main(["chat", "hello"]) == 0
     # Word by word as the model sends them. (Only a tail that could begin a known key is
@@ -287,7 +287,7 @@ def test_show_proposals_prints_each_draft_labelled_before_the_answer(fake_moa, c
 
 
 def test_show_proposals_labels_every_layer(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(cli, "build_chat_moa", lambda args: make_moa(layers=3))
+    monkeypatch.setattr(cli.chat, "build_chat_moa", lambda args: make_moa(layers=3))
     assert cli.main(["chat", "--show-proposals", "hello"]) == 0
     text = capsys.readouterr().out
     for layer in (1, 2):
@@ -303,7 +303,7 @@ def test_show_proposals_reports_a_failed_draft(monkeypatch, capsys) -> None:
         ],
         aggregator=ScriptedChatModel(reply="done"),
     )
-    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    monkeypatch.setattr(cli.chat, "build_chat_moa", lambda args: moa)
     assert cli.main(["chat", "--show-proposals", "q"]) == 0
     out = capsys.readouterr().out
     assert (
@@ -322,7 +322,8 @@ def test_json_with_show_proposals_keeps_stdout_pure_json(fake_moa, capsys) -> No
 def test_spinner_on_a_terminal_leaves_piped_stdout_alone(fake_moa, monkeypatch, capsys) -> None:
     """stderr is a terminal (spinner runs), stdout a pipe: stdout gets drafts and answer."""
     terminal = io.StringIO()
-    monkeypatch.setattr(cli, "err", Console(file=terminal, force_terminal=True, soft_wrap=True))
+    terminal_err = Console(file=terminal, force_terminal=True, soft_wrap=True)
+    monkeypatch.setattr(cli.output, "err", terminal_err)
     fake_moa.proposers[0].delay = 0.2  # the spinner is up while drafts are printed
     assert cli.main(["chat", "--show-proposals", "hello"]) == 0
     out = capsys.readouterr().out
@@ -363,7 +364,7 @@ CHATTY_RUN = textwrap.dedent(
             i += 1
 
     moa = ChatMoA(aggregator=Chatty(reply="one two three four five"), layers=1)
-    cli.build_chat_moa = lambda args: moa
+    cli.chat.build_chat_moa = lambda args: moa
     sys.exit(cli.main(sys.argv[1:]))
     """
 )
@@ -453,7 +454,7 @@ def test_piped_chat_stops_at_the_first_failed_turn(monkeypatch, capsys) -> None:
         proposers=[ScriptedChatModel(model_name="x", fail_always=True)],
         aggregator=ScriptedChatModel(),
     )
-    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    monkeypatch.setattr(cli.chat, "build_chat_moa", lambda args: moa)
     monkeypatch.setattr("sys.stdin", io.StringIO("a\nb\n"))
     assert cli.main(["chat"]) == cli.EXIT_RUNTIME_ERROR
     assert "only 0 of 1 proposers answered" in one_error_line(capsys.readouterr())
@@ -467,7 +468,7 @@ def test_terminal_chat_survives_a_failed_turn(monkeypatch, capsys) -> None:
         def isatty(self) -> bool:
             return True
 
-    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    monkeypatch.setattr(cli.chat, "build_chat_moa", lambda args: moa)
     monkeypatch.setattr("sys.stdin", Tty("first\nsecond\n"))
     assert cli.main(["chat"]) == 0
     captured = capsys.readouterr()
@@ -502,7 +503,7 @@ def test_user_errors_are_one_line_without_traceback(argv, fragment, monkeypatch,
 def test_an_empty_prompt_is_refused_before_any_model_is_built(prompt, monkeypatch, capsys):
     """Building the default (local) MoA starts llama.cpp: a typo must not cost that."""
     built = []
-    monkeypatch.setattr(cli, "build_chat_moa", lambda args: built.append(args) or make_moa())
+    monkeypatch.setattr(cli.chat, "build_chat_moa", lambda args: built.append(args) or make_moa())
     assert cli.main(["chat", prompt]) == cli.EXIT_USER_ERROR
     assert "the prompt is empty" in one_error_line(capsys.readouterr())
     assert built == []
@@ -539,7 +540,7 @@ def test_quorum_failure_is_a_one_line_runtime_error(monkeypatch, capsys) -> None
         proposers=[ScriptedChatModel(model_name="x", fail_always=True)],
         aggregator=ScriptedChatModel(),
     )
-    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    monkeypatch.setattr(cli.chat, "build_chat_moa", lambda args: moa)
     assert cli.main(["chat", "q"]) == cli.EXIT_RUNTIME_ERROR
     assert one_error_line(capsys.readouterr()).startswith(
         "moa: error: only 0 of 1 proposers answered"
@@ -559,7 +560,7 @@ def test_an_unreachable_endpoint_is_named_without_userinfo_or_query(
 ) -> None:
     unreachable = ChatOpenAI(model="m", base_url=base_url, api_key="sk-unused", max_retries=0)
     moa = ChatMoA(proposers=[unreachable], aggregator=unreachable, layers=2)
-    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    monkeypatch.setattr(cli.chat, "build_chat_moa", lambda args: moa)
     assert cli.main(["chat", "q"]) == cli.EXIT_RUNTIME_ERROR
     line = one_error_line(capsys.readouterr())
     # the class is OpenAIConnectionError or APIConnectionError, by langchain-openai version
@@ -578,7 +579,7 @@ def test_provider_errors_never_print_keys(monkeypatch, capsys) -> None:
         fail_always=True, error=RuntimeError(f"401: invalid key {secret}\nmore detail")
     )
     moa = ChatMoA(proposers=[ScriptedChatModel()], aggregator=failing)
-    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    monkeypatch.setattr(cli.chat, "build_chat_moa", lambda args: moa)
     assert cli.main(["chat", "q"]) == cli.EXIT_RUNTIME_ERROR
     captured = capsys.readouterr()
     line = one_error_line(captured)
@@ -595,7 +596,7 @@ def test_ctrl_c_exits_130(monkeypatch, capsys) -> None:
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "build_chat_moa", interrupted)
+    monkeypatch.setattr(cli.chat, "build_chat_moa", interrupted)
     assert cli.main(["chat", "q"]) == cli.EXIT_INTERRUPTED == 130
     assert capsys.readouterr().err.strip() == "moa: interrupted"
 
@@ -778,11 +779,11 @@ def test_temperature_is_the_aggregators(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "moa.toml"
     path.write_text(CONFIG)
     args = cli.build_parser().parse_args(["chat", "--config", str(path), "--temperature", "0.2"])
-    moa = cli.build_chat_moa(args)
+    moa = cli.chat.build_chat_moa(args)
     assert moa.temperature == 0.2
     assert all(p.temperature != 0.2 for p in moa.proposers)
     serve = cli.build_parser().parse_args(["serve", "--config", str(path), "--temperature", "1"])
-    (served,) = cli.served_models(serve).values()
+    (served,) = cli.serve.served_models(serve).values()
     assert served.temperature == 1.0
 
 
@@ -814,7 +815,7 @@ def cut_off_moa() -> ChatMoA:
 
 @pytest.mark.parametrize("json_flag", [[], ["--json"]])
 def test_a_cut_off_answer_ends_with_a_hint_naming_max_tokens(json_flag, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "build_chat_moa", lambda args: cut_off_moa())
+    monkeypatch.setattr(cli.chat, "build_chat_moa", lambda args: cut_off_moa())
     assert cli.main(["chat", *json_flag, "q"]) == 0
     captured = capsys.readouterr()
     assert captured.err.strip() == (
@@ -828,7 +829,7 @@ def test_a_cut_off_answer_ends_with_a_hint_naming_max_tokens(json_flag, monkeypa
 
 
 def test_the_hint_suggests_twice_the_limit_given(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(cli, "build_chat_moa", lambda args: cut_off_moa())
+    monkeypatch.setattr(cli.chat, "build_chat_moa", lambda args: cut_off_moa())
     assert cli.main(["chat", "--max-tokens", "300", "q"]) == 0
     assert "(300 tokens); pass --max-tokens 600 for" in capsys.readouterr().err
 
@@ -865,10 +866,11 @@ def test_drafts_are_separated_by_blank_lines(fake_moa, capsys) -> None:
 def test_the_spinner_is_down_whenever_anything_is_printed(fake_moa, monkeypatch) -> None:
     """The terminal case: the spinner is stopped (erased) before each draft and the answer."""
     terminal = io.StringIO()
-    monkeypatch.setattr(cli, "err", Console(file=terminal, force_terminal=True, soft_wrap=True))
+    terminal_err = Console(file=terminal, force_terminal=True, soft_wrap=True)
+    monkeypatch.setattr(cli.output, "err", terminal_err)
     fake_moa.proposers[0].delay = 0.3  # drafts arrive while the spinner runs
     state = {"up": False, "starts": 0}
-    real_start, real_stop = cli._Spinner.start, cli._Spinner.stop
+    real_start, real_stop = cli.output._Spinner.start, cli.output._Spinner.stop
 
     def start(self, text=None):
         real_start(self, text)
@@ -878,8 +880,8 @@ def test_the_spinner_is_down_whenever_anything_is_printed(fake_moa, monkeypatch)
         real_stop(self)
         state["up"] = False
 
-    monkeypatch.setattr(cli._Spinner, "start", start)
-    monkeypatch.setattr(cli._Spinner, "stop", stop)
+    monkeypatch.setattr(cli.output._Spinner, "start", start)
+    monkeypatch.setattr(cli.output._Spinner, "stop", stop)
     printed: list[tuple[bool, str]] = []
 
     class Recorder(io.StringIO):
@@ -919,7 +921,7 @@ def test_ctrl_c_during_an_answer_cancels_only_that_turn(monkeypatch, capsys) -> 
     # the first turn would take 30 s (the test would fail after them): Ctrl-C cancels it
     slow = CtrlCWhenAsked(model_name="slow", reply="draft", delay=30)
     moa = ChatMoA(proposers=[slow], aggregator=ScriptedChatModel(reply=lambda m: f"{len(m)}"))
-    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    monkeypatch.setattr(cli.chat, "build_chat_moa", lambda args: moa)
 
     class User(Tty):
         """Types "second" after the first turn was cancelled; it is answered at once."""
@@ -953,7 +955,7 @@ def test_ctrl_c_at_the_prompt_gives_a_fresh_prompt(fake_moa, monkeypatch, capsys
         return item
 
     monkeypatch.setattr("sys.stdin", Tty(""))
-    monkeypatch.setattr(cli._LineReader, "read", read)
+    monkeypatch.setattr(cli.chat._LineReader, "read", read)
     assert cli.main(["chat"]) == 0
     assert capsys.readouterr().out == "final after 2 messages\n"
 
@@ -961,7 +963,7 @@ def test_ctrl_c_at_the_prompt_gives_a_fresh_prompt(fake_moa, monkeypatch, capsys
 def test_ctrl_c_in_a_piped_chat_or_one_question_exits_130(monkeypatch, capsys) -> None:
     slow = CtrlCWhenAsked(model_name="slow", reply="draft", delay=30)
     moa = ChatMoA(proposers=[slow], aggregator=ScriptedChatModel())
-    monkeypatch.setattr(cli, "build_chat_moa", lambda args: moa)
+    monkeypatch.setattr(cli.chat, "build_chat_moa", lambda args: moa)
     assert cli.main(["chat", "q"]) == cli.EXIT_INTERRUPTED
     assert capsys.readouterr().err.strip() == "moa: interrupted"
     assert moa.aggregator.calls == []

@@ -14,8 +14,10 @@ import pytest
 
 import langchain_moa
 from langchain_moa import ConfigError, MoAJudge, build_judge_graph, errors
-from langchain_moa.calls import CallResult, ModelCall, call_error, is_transient_error
-from langchain_moa.pipelines import _Watch
+from langchain_moa.calls import CallResult, ModelCall
+from langchain_moa.data.runner import _Watch
+from langchain_moa.errors import is_transient_error
+from langchain_moa.shielding import call_error
 from langchain_moa.testing.fakes import ScriptedChatModel
 
 REQUEST = httpx.Request("POST", "https://api.example.com/v1/chat/completions")
@@ -63,16 +65,17 @@ def test_the_old_import_paths_still_work() -> None:
 def test_no_other_module_defines_a_public_exception() -> None:
     """Private control-flow signals (a server's 4xx, a cancelled chat turn) may stay local."""
     package = Path(langchain_moa.__file__).parent
-    for path in package.glob("*.py"):
+    for path in package.rglob("*.py"):  # the cli/ and data/ packages too
         if path.name == "errors.py":
             continue
+        module = ".".join(path.relative_to(package).with_suffix("").parts)
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef) and any(
                 getattr(base, "id", getattr(base, "attr", "")).endswith(("Error", "Exception"))
                 for base in node.bases
             ):
                 public = not node.name.startswith("_") and node.name in getattr(
-                    __import__(f"langchain_moa.{path.stem}", fromlist=["*"]), "__all__", ()
+                    __import__(f"langchain_moa.{module}", fromlist=["*"]), "__all__", ()
                 )
                 assert not public, f"{path.name} defines the public exception {node.name}"
 

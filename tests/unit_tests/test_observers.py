@@ -10,7 +10,8 @@ from langchain_core.messages import HumanMessage
 from langgraph.types import RetryPolicy
 
 from langchain_moa import ChatMoA, MoAJudge, build_moa_graph
-from langchain_moa.calls import CallResult, ModelCall, is_transient_error, observe
+from langchain_moa.calls import CallResult, ModelCall, observe
+from langchain_moa.errors import is_transient_error
 from langchain_moa.testing.fakes import ScriptedChatModel
 
 

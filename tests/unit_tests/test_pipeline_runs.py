@@ -13,16 +13,9 @@ import pytest
 from huggingface_hub import constants as hub_constants
 
 from langchain_moa import ChatMoA, ConfigError
+from langchain_moa.data import OutputBusy, RunStopped, content_id, generate, label
+from langchain_moa.data.output import errors_path_for, lock_output
 from langchain_moa.judge import MoAJudge
-from langchain_moa.pipelines import (
-    OutputBusy,
-    RunStopped,
-    content_id,
-    errors_path_for,
-    generate,
-    label,
-    lock_output,
-)
 from langchain_moa.testing import ScriptedChatModel
 
 
@@ -387,7 +380,8 @@ def test_outputs_load_with_datasets_one_type_per_column(
 def test_cli_label_takes_the_recipes_defaults_and_flags_override_them(
     tmp_path: Path, monkeypatch, capsys, cli_models, write_jsonl, read_jsonl
 ) -> None:
-    from langchain_moa import cli, cli_data
+    from langchain_moa import cli
+    from langchain_moa.cli import data as cli_data
     from langchain_moa.recipes import LabelSettings
 
     def rate(messages) -> str:  # longer is better, in either mode

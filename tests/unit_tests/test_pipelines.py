@@ -13,16 +13,10 @@ import pytest
 from huggingface_hub import constants as hub_constants
 
 from langchain_moa import ChatMoA, ConfigError, cli
+from langchain_moa.data import content_id, generate, label, read_rows
+from langchain_moa.data.hub import upload_to_hub
+from langchain_moa.data.output import completed_ids, errors_path_for
 from langchain_moa.judge import MoAJudge
-from langchain_moa.pipelines import (
-    completed_ids,
-    content_id,
-    errors_path_for,
-    generate,
-    label,
-    read_rows,
-    upload_to_hub,
-)
 from langchain_moa.testing import ScriptedChatModel, free_port
 
 

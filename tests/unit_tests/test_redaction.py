@@ -247,7 +247,7 @@ async def test_a_key_echoed_in_an_answer_is_masked_even_split_across_chunks(how:
 def test_held_back_text_that_was_no_key_is_released() -> None:
     from langchain_core.messages import AIMessageChunk
 
-    from langchain_moa.calls import StreamMask
+    from langchain_moa.shielding import StreamMask
 
     mask = StreamMask(["abcdef123"])
     shown = [mask.chunk(AIMessageChunk(content=p)).content for p in ("x ab", "cd", "e!", " y")]

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
-from rich.console import Console
-
+from langchain_moa.cli.options import (
+    _positive,
+    _temperature,
+    add_model_options,
+    add_run_shape_options,
+    add_sampling_options,
+    moa_kwargs_for,
+    model_source,
+)
+from langchain_moa.cli.output import EXIT_INTERRUPTED, err
 from langchain_moa.errors import ConfigError
-
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _recipe(args: argparse.Namespace) -> Any:
-    from langchain_moa.cli import model_source
     from langchain_moa.recipes import load_recipe
 
     return load_recipe(model_source(args))
@@ -27,8 +31,6 @@ def _all_local(recipe: Any) -> bool:
 
 def _recipe_models(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe's models with the command's flags applied (the builder `moa chat` uses)."""
-    from langchain_moa.cli import moa_kwargs_for, model_source
-
     recipe, kwargs = moa_kwargs_for(model_source(args), args)
     kwargs["all_local"] = _all_local(recipe)
     kwargs["label"] = recipe.label
@@ -78,7 +80,7 @@ def _changed_line(changed: list[dict[str, Any]], output: str) -> str:
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
-    from langchain_moa.pipelines import parse_shard
+    from langchain_moa.data.rows import parse_shard
 
     return {
         "concurrency": args.concurrency,
@@ -90,7 +92,7 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from langchain_moa.chat_model import ChatMoA
-    from langchain_moa.pipelines import agenerate, check_system
+    from langchain_moa.data import agenerate, check_system
 
     options = _run_options(args)  # flags first: a bad --shard costs no model start
     check_system(args.system)
@@ -103,8 +105,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
+    from langchain_moa.data import alabel
     from langchain_moa.judge import MoAJudge
-    from langchain_moa.pipelines import alabel
     from langchain_moa.recipes import LabelSettings
 
     options = _run_options(args)
@@ -143,9 +145,6 @@ def cmd_label(args: argparse.Namespace) -> int:
     return _run_and_report(run, args.output)
 
 
-EXIT_INTERRUPTED = 130
-
-
 def _run_and_report(run: Any, output: str) -> int:
     """Run a pipeline; on Ctrl-C, report what was written so far and exit 130.
 
@@ -153,7 +152,7 @@ def _run_and_report(run: Any, output: str) -> int:
     leaves OUT with whole rows only; the pipeline then raises `RunInterrupted` with its
     summary, caught here inside the same task.
     """
-    from langchain_moa.pipelines import RunInterrupted
+    from langchain_moa.errors import RunInterrupted
 
     async def guarded() -> tuple[Any, bool]:
         try:
@@ -171,7 +170,7 @@ def _run_and_report(run: Any, output: str) -> int:
 
 def check_label_flags(args: argparse.Namespace, defaults: Any) -> None:
     """Refuse flags that would be silently ignored (one line, exit 2)."""
-    from langchain_moa.pipelines import check_policy_options
+    from langchain_moa.data import check_policy_options
 
     mode = args.mode or defaults.mode
     if args.swap is not None and mode != "pairwise":
@@ -199,18 +198,6 @@ def check_label_flags(args: argparse.Namespace, defaults: Any) -> None:
     check_policy_options(bool(args.policy), temperature=args.policy_temperature, system=args.system)
 
 
-def _positive(value: str) -> int:
-    from langchain_moa.cli import _positive as positive
-
-    return positive(value)
-
-
-def _temperature(value: str) -> float:
-    from langchain_moa.cli import _temperature as temperature
-
-    return temperature(value)
-
-
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concurrency", type=_positive, default=4, metavar="N", help="rows in flight (default: 4)"
@@ -234,10 +221,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def register(sub: Any, add_model_options: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(sub: Any) -> None:
     """Add the data subcommands to the `moa` parser."""
-    from langchain_moa.cli import add_run_shape_options, add_sampling_options
-
     gen = sub.add_parser("generate", help="SFT data: the MoA answer for every prompt (TRL format)")
     gen.add_argument("input", help="JSONL file, or hf://datasets/OWNER/NAME/FILE.jsonl")
     gen.add_argument("output", help="JSONL file to append to (re-runs skip rows already there)")
