@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants as hub_constants
 
+from langchain_moa.data.rows import resolve_input
 from langchain_moa.errors import ConfigError
 from langchain_moa.local import LocalModelNotFoundError, resolve_model_path
-from langchain_moa.data.rows import resolve_input
 from langchain_moa.testing.server import free_port
 
 GGUF = b"GGUF" + b"\0" * 16
