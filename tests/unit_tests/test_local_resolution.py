@@ -66,11 +66,13 @@ def test_unknown_spec_is_a_clear_error() -> None:
 
 
 def test_hf_file_offline_without_cache(isolated: Path, monkeypatch) -> None:
+    # imported before the environment changes: a first import would read HF_HUB_OFFLINE=1
+    # as the module's own value, which monkeypatch would then "restore" for later tests
+    import huggingface_hub.constants as constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(isolated / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(isolated / "hf" / "hub"))
-    import huggingface_hub.constants as constants
-
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(isolated / "hf" / "hub"))
     with pytest.raises(LocalModelNotFoundError) as info:
