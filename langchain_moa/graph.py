@@ -30,7 +30,7 @@ between layers, early stopping, checkpointed resumption and inspectable state.
 Retries and dropped proposers (design choice): each proposer node has LangGraph
 `RetryPolicy` objects attached (``add_node(..., retry_policy=...)``), so LangGraph performs
 the retries with its own backoff and reports each attempt as a run. The node calls the
-engine's `propose_one`, which raises the call layer's `CallError` (one redacted line; a
+engine's `proposal_steps`, which raises the call layer's `CallError` (one redacted line; a
 custom ``retry_on`` sees that error and can read its ``transient``, ``status_code`` and
 ``error_type``), and when the call fails it decides with the *same* policies what
 happens: if the matching policy would retry and the current attempt
@@ -83,6 +83,7 @@ from langchain_moa.engine import (
 from langchain_moa.errors import CallError, ConfigError, MoAError, is_transient_error
 from langchain_moa.models import resolve_model
 from langchain_moa.settings import MoASettings
+from langchain_moa.steps import Steps, adrive, drive
 
 __all__ = [
     "DEFAULT_RETRY_POLICY",
@@ -267,11 +268,11 @@ class _MoANodes:
             task["layer"], task["index"], task["messages"], error, time.perf_counter() - started
         )
 
-    def proposer(self, task: ProposerTask, config: RunnableConfig, runtime: Any) -> dict:
+    def _proposer_steps(self, task: ProposerTask, runtime: Any) -> Steps[dict]:
         started = time.perf_counter()
         try:
-            proposal = self.engine.propose_one(
-                task["layer"], task["index"], task["messages"], config, self._close_of(task)
+            proposal = yield from self.engine.proposal_steps(
+                task["layer"], task["index"], task["messages"], self._close_of(task)
             )
         except CallError as error:
             failed = self._failed(error, task, started, runtime)
@@ -280,18 +281,11 @@ class _MoANodes:
             proposal = failed
         return {"moa_proposals": [proposal]}
 
+    def proposer(self, task: ProposerTask, config: RunnableConfig, runtime: Any) -> dict:
+        return drive(self._proposer_steps(task, runtime), config)
+
     async def aproposer(self, task: ProposerTask, config: RunnableConfig, runtime: Any) -> dict:
-        started = time.perf_counter()
-        try:
-            proposal = await self.engine.apropose_one(
-                task["layer"], task["index"], task["messages"], config, self._close_of(task)
-            )
-        except CallError as error:
-            failed = self._failed(error, task, started, runtime)
-            if failed is None:
-                raise
-            proposal = failed
-        return {"moa_proposals": [proposal]}
+        return await adrive(self._proposer_steps(task, runtime), config)
 
     # ------------------------------------------------------------------ fan-in
     def collect(self, state: MoAState) -> dict[str, Any]:
