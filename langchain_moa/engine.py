@@ -7,6 +7,10 @@ the quorum check after each layer, what the aggregator receives, the summed usag
 (fan-out, timeouts, tags, redacted errors). `ChatMoA`, the graph nodes, the judge's MoA
 aggregation and the CLI are thin adapters over `run` / `arun` / `stream` / `astream` or,
 for the graph, over the single steps those are made of.
+
+The algorithm is written once, as steps (`langchain_moa.steps`): ``layer_steps``,
+``propose_steps`` and ``run_steps`` yield the calls they need and receive the answers;
+``run`` and ``arun`` drive them with the sync or the async call layer.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from langchain_moa.errors import MoAError
 from langchain_moa.models import model_label
 from langchain_moa.references import inject_references, text_only_history
 from langchain_moa.settings import EarlyStop, MoASettings
+from langchain_moa.steps import Steps, adrive, drive
 
 _TOOL_KWARGS = ("tools", "tool_choice", "parallel_tool_calls", "strict")
 _KEPT_RESPONSE_KEYS = ("finish_reason", "model_provider", "system_fingerprint", "service_tier")
@@ -193,6 +198,31 @@ def _forwarded(chunk: AIMessageChunk) -> AIMessageChunk:
     )
 
 
+class _Relay:
+    """The aggregator's streamed chunks as MoA chunks, then the closing chunk.
+
+    The closing chunk states the total usage and ``response_metadata["moa"]`` once, with
+    the aggregator's latency counted from the relay's start (just before its request).
+    """
+
+    __slots__ = ("engine", "layers", "merged", "started")
+
+    def __init__(self, engine: MoAEngine, layers: list[list[Proposal]]) -> None:
+        self.engine = engine
+        self.layers = layers
+        self.merged: AIMessageChunk | None = None
+        self.started = time.perf_counter()
+
+    def forward(self, chunk: BaseMessage) -> AIMessageChunk:
+        piece = _as_chunk(chunk)
+        self.merged = piece if self.merged is None else self.merged + piece
+        return _forwarded(piece)
+
+    def closing(self) -> AIMessageChunk:
+        latency = time.perf_counter() - self.started
+        return self.engine.closing_chunk(self.layers, self.merged, latency)
+
+
 @dataclass(frozen=True)
 class MoAEngine:
     """A validated MoA configuration plus the operations of the algorithm.
@@ -352,6 +382,16 @@ class MoAEngine:
         close = self.layer_close()
         return [self.proposer_call(layer, i, messages, close) for i in indices]
 
+    def layer_steps(
+        self, layer: int, messages: Sequence[BaseMessage], indices: Sequence[int] | None = None
+    ) -> Steps[list[Proposal]]:
+        """One proposer layer: the given proposers (default: all) concurrently.
+
+        Failures (and empty answers) are recorded as failed proposals, never raised.
+        """
+        results = yield self._layer_calls(layer, messages, indices)
+        return [self.proposal(layer, r.call.metadata["moa_proposer"], r) for r in results]
+
     def run_layer(
         self,
         layer: int,
@@ -360,54 +400,24 @@ class MoAEngine:
         *,
         indices: Sequence[int] | None = None,
     ) -> list[Proposal]:
-        """Run the given proposers (default: all) concurrently; failures are recorded."""
-        results = calls.run_all(self._layer_calls(layer, messages, indices), config)
-        return [self.proposal(layer, r.call.metadata["moa_proposer"], r) for r in results]
+        """`layer_steps` run now (sync; ``await adrive(engine.layer_steps(...))`` is async)."""
+        return drive(self.layer_steps(layer, messages, indices), config)
 
-    async def arun_layer(
-        self,
-        layer: int,
-        messages: Sequence[BaseMessage],
-        config: RunnableConfig | None = None,
-        *,
-        indices: Sequence[int] | None = None,
-    ) -> list[Proposal]:
-        """Async `run_layer`: concurrent tasks."""
-        results = await calls.arun_all(self._layer_calls(layer, messages, indices), config)
-        return [self.proposal(layer, r.call.metadata["moa_proposer"], r) for r in results]
-
-    def propose_one(
+    def proposal_steps(
         self,
         layer: int,
         index: int,
         messages: Sequence[BaseMessage],
-        config: RunnableConfig | None,
         close: LayerClose | None = None,
-    ) -> Proposal:
-        """One proposer call (sync), for callers that retry it themselves (the graph).
+    ) -> Steps[Proposal]:
+        """One proposer call, for callers that retry it themselves (the graph).
 
-        Raises `CallError` when the call fails; an empty answer is a failed `Proposal`.
-        `close` is the layer's shared early-close rule, when there is one.
+        A failed call raises its `CallError` (at the ``yield``, from the driver); an empty
+        answer is a failed `Proposal`. `close` is the layer's shared early-close rule.
         """
         call = self.proposer_call(layer, index, messages, close)
         started = time.perf_counter()
-        message = calls.invoke(call, config)
-        return self.proposal(
-            layer, index, CallResult(call, message, None, time.perf_counter() - started)
-        )
-
-    async def apropose_one(
-        self,
-        layer: int,
-        index: int,
-        messages: Sequence[BaseMessage],
-        config: RunnableConfig | None,
-        close: LayerClose | None = None,
-    ) -> Proposal:
-        """Async `propose_one`."""
-        call = self.proposer_call(layer, index, messages, close)
-        started = time.perf_counter()
-        message = await calls.ainvoke(call, config)
+        message = yield call
         return self.proposal(
             layer, index, CallResult(call, message, None, time.perf_counter() - started)
         )
@@ -424,30 +434,13 @@ class MoAEngine:
         call = self.proposer_call(layer, index, messages)
         return self.proposal(layer, index, CallResult(call, None, error, latency_s))
 
-    def propose(
-        self, conversation: Sequence[BaseMessage], config: RunnableConfig | None = None
-    ) -> list[list[Proposal]]:
-        """Run every proposer layer (sync), checking the quorum after each."""
+    def propose_steps(self, conversation: Sequence[BaseMessage]) -> Steps[list[list[Proposal]]]:
+        """Every proposer layer, checking the quorum after each (raises `MoAError`)."""
         self.check_conversation(conversation)
         layers: list[list[Proposal]] = []
         for layer in range(1, self.proposer_layers + 1):
             messages = self.proposer_input(conversation, layers[-1] if layers else None)
-            proposals = self.run_layer(layer, messages, config)
-            self.check_quorum(proposals)
-            layers.append(proposals)
-            if layer < self.proposer_layers and self.stop_early(proposals):
-                break
-        return layers
-
-    async def apropose(
-        self, conversation: Sequence[BaseMessage], config: RunnableConfig | None = None
-    ) -> list[list[Proposal]]:
-        """Run every proposer layer (async), checking the quorum after each."""
-        self.check_conversation(conversation)
-        layers: list[list[Proposal]] = []
-        for layer in range(1, self.proposer_layers + 1):
-            messages = self.proposer_input(conversation, layers[-1] if layers else None)
-            proposals = await self.arun_layer(layer, messages, config)
+            proposals = yield from self.layer_steps(layer, messages)
             self.check_quorum(proposals)
             layers.append(proposals)
             if layer < self.proposer_layers and self.stop_early(proposals):
@@ -455,20 +448,26 @@ class MoAEngine:
         return layers
 
     # ------------------------------------------------------------------ whole runs
+    def run_steps(
+        self, conversation: Sequence[BaseMessage], options: dict[str, Any]
+    ) -> Steps[MoAResult]:
+        """The whole MoA: proposer layers, then the aggregator (whose failure raises)."""
+        layers = yield from self.propose_steps(conversation)
+        call = self.aggregator_call(conversation, layers, options)
+        started = time.perf_counter()
+        aggregate = yield call
+        return MoAResult(
+            self.final_message(layers, aggregate, time.perf_counter() - started), layers
+        )
+
     def run(
         self,
         conversation: Sequence[BaseMessage],
         config: RunnableConfig | None = None,
         **options: Any,
     ) -> MoAResult:
-        """The whole MoA (sync): proposer layers, then the aggregator."""
-        layers = self.propose(conversation, config)
-        call = self.aggregator_call(conversation, layers, options)
-        started = time.perf_counter()
-        aggregate = calls.invoke(call, config)
-        return MoAResult(
-            self.final_message(layers, aggregate, time.perf_counter() - started), layers
-        )
+        """The whole MoA (sync): `run_steps` on threads."""
+        return drive(self.run_steps(conversation, options), config)
 
     async def arun(
         self,
@@ -476,14 +475,16 @@ class MoAEngine:
         config: RunnableConfig | None = None,
         **options: Any,
     ) -> MoAResult:
-        """The whole MoA (async)."""
-        layers = await self.apropose(conversation, config)
-        call = self.aggregator_call(conversation, layers, options)
-        started = time.perf_counter()
-        aggregate = await calls.ainvoke(call, config)
-        return MoAResult(
-            self.final_message(layers, aggregate, time.perf_counter() - started), layers
-        )
+        """The whole MoA (async): `run_steps` on tasks."""
+        return await adrive(self.run_steps(conversation, options), config)
+
+    def stream_steps(
+        self, conversation: Sequence[BaseMessage], options: dict[str, Any]
+    ) -> Steps[tuple[ModelCall, _Relay]]:
+        """The proposer layers of a streamed run; returns the aggregator's request and the
+        relay that turns its chunks into MoA chunks."""
+        layers = yield from self.propose_steps(conversation)
+        return self.aggregator_call(conversation, layers, options), _Relay(self, layers)
 
     def stream(
         self,
@@ -495,15 +496,10 @@ class MoAEngine:
 
         The last chunk carries the total usage and ``response_metadata["moa"]``.
         """
-        layers = self.propose(conversation, config)
-        call = self.aggregator_call(conversation, layers, options)
-        started = time.perf_counter()
-        merged: AIMessageChunk | None = None
+        call, relay = drive(self.stream_steps(conversation, options), config)
         for chunk in calls.stream(call, config):
-            piece = _as_chunk(chunk)
-            merged = piece if merged is None else merged + piece
-            yield _forwarded(piece)
-        yield self.closing_chunk(layers, merged, time.perf_counter() - started)
+            yield relay.forward(chunk)
+        yield relay.closing()
 
     async def astream(
         self,
@@ -512,15 +508,10 @@ class MoAEngine:
         **options: Any,
     ) -> AsyncIterator[AIMessageChunk]:
         """Async `stream`."""
-        layers = await self.apropose(conversation, config)
-        call = self.aggregator_call(conversation, layers, options)
-        started = time.perf_counter()
-        merged: AIMessageChunk | None = None
+        call, relay = await adrive(self.stream_steps(conversation, options), config)
         async for chunk in calls.astream(call, config):
-            piece = _as_chunk(chunk)
-            merged = piece if merged is None else merged + piece
-            yield _forwarded(piece)
-        yield self.closing_chunk(layers, merged, time.perf_counter() - started)
+            yield relay.forward(chunk)
+        yield relay.closing()
 
     # ------------------------------------------------------------------- results
     def metadata(

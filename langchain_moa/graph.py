@@ -30,7 +30,7 @@ between layers, early stopping, checkpointed resumption and inspectable state.
 Retries and dropped proposers (design choice): each proposer node has LangGraph
 `RetryPolicy` objects attached (``add_node(..., retry_policy=...)``), so LangGraph performs
 the retries with its own backoff and reports each attempt as a run. The node calls the
-engine's `propose_one`, which raises the call layer's `CallError` (one redacted line; a
+engine's `proposal_steps`, which raises the call layer's `CallError` (one redacted line; a
 custom ``retry_on`` sees that error and can read its ``transient``, ``status_code`` and
 ``error_type``), and when the call fails it decides with the *same* policies what
 happens: if the matching policy would retry and the current attempt
@@ -45,10 +45,11 @@ rate limits and 5xx, and never authentication, permission, not-found, bad-reques
 policy but never swallows errors: after its retries the graph fails (and, with a
 checkpointer, resumes at the aggregator without re-running the proposer layers).
 
-Sync and async: every node that calls a model has a sync and an async implementation
-(`RunnableCallable(func, afunc)`, as LangGraph's prebuilt agent does). On ``invoke`` the
-proposer tasks run concurrently in LangGraph's thread pool; on ``ainvoke`` they are
-concurrent tasks that ``await`` the engine's async calls.
+Sync and async: every node that calls a model has a sync and an async function
+(`RunnableCallable(func, afunc)`, as LangGraph's prebuilt agent does), both driving the
+same steps (`langchain_moa.steps`), so the two cannot differ. On ``invoke`` the proposer
+tasks run concurrently in LangGraph's thread pool; on ``ainvoke`` they are concurrent
+tasks that ``await`` the async call layer. The other nodes call no model and run inline.
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ import operator
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypedDict
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AnyMessage
+from langchain_core.messages import AnyMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.runnables import RunnableConfig
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -71,7 +72,6 @@ from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Overwrite, RetryPolicy, Send
 
-from langchain_moa import calls
 from langchain_moa._compat import RunnableCallable, node_attempt
 from langchain_moa.calls import LayerClose
 from langchain_moa.engine import (
@@ -83,6 +83,7 @@ from langchain_moa.engine import (
 from langchain_moa.errors import CallError, ConfigError, MoAError, is_transient_error
 from langchain_moa.models import resolve_model
 from langchain_moa.settings import MoASettings
+from langchain_moa.steps import Steps, adrive, drive
 
 __all__ = [
     "DEFAULT_RETRY_POLICY",
@@ -216,9 +217,6 @@ class _MoANodes:
             "moa_error": None,
         }
 
-    async def aprepare(self, state: MoAState) -> dict[str, Any]:
-        return self.prepare(state)
-
     # ------------------------------------------------------------------ routing
     def route(self, state: MoAState) -> str | list[Send]:
         """Next proposer layer (one Send per proposer), the aggregator, or failure."""
@@ -267,11 +265,11 @@ class _MoANodes:
             task["layer"], task["index"], task["messages"], error, time.perf_counter() - started
         )
 
-    def proposer(self, task: ProposerTask, config: RunnableConfig, runtime: Any) -> dict:
+    def _proposer_steps(self, task: ProposerTask, runtime: Any) -> Steps[dict]:
         started = time.perf_counter()
         try:
-            proposal = self.engine.propose_one(
-                task["layer"], task["index"], task["messages"], config, self._close_of(task)
+            proposal = yield from self.engine.proposal_steps(
+                task["layer"], task["index"], task["messages"], self._close_of(task)
             )
         except CallError as error:
             failed = self._failed(error, task, started, runtime)
@@ -280,18 +278,11 @@ class _MoANodes:
             proposal = failed
         return {"moa_proposals": [proposal]}
 
+    def proposer(self, task: ProposerTask, config: RunnableConfig, runtime: Any) -> dict:
+        return drive(self._proposer_steps(task, runtime), config)
+
     async def aproposer(self, task: ProposerTask, config: RunnableConfig, runtime: Any) -> dict:
-        started = time.perf_counter()
-        try:
-            proposal = await self.engine.apropose_one(
-                task["layer"], task["index"], task["messages"], config, self._close_of(task)
-            )
-        except CallError as error:
-            failed = self._failed(error, task, started, runtime)
-            if failed is None:
-                raise
-            proposal = failed
-        return {"moa_proposals": [proposal]}
+        return await adrive(self._proposer_steps(task, runtime), config)
 
     # ------------------------------------------------------------------ fan-in
     def collect(self, state: MoAState) -> dict[str, Any]:
@@ -308,24 +299,17 @@ class _MoANodes:
             update["moa_error"] = str(exc)
         return update
 
-    async def acollect(self, state: MoAState) -> dict[str, Any]:
-        return self.collect(state)
-
     def quorum_failed(self, state: MoAState) -> dict[str, Any]:
         # Raises the engine's MoAError (message and `failures` name every failed proposer).
         self.engine.check_quorum(list(state.get("moa_proposals") or []))
         raise RuntimeError(state.get("moa_error") or "MoA quorum failed")  # pragma: no cover
 
-    async def aquorum_failed(self, state: MoAState) -> dict[str, Any]:
-        return self.quorum_failed(state)
-
     # --------------------------------------------------------------- aggregator
-    def _call(self, state: MoAState) -> calls.ModelCall:
+    def _aggregator_steps(self, state: MoAState) -> Steps[dict[str, Any]]:
         layers = state.get("moa_layers") or []
-        return self.engine.aggregator_call(state["messages"], layers, self.aggregator_kwargs)
-
-    def _finish(self, state: MoAState, aggregate: AIMessage, started: float) -> dict[str, Any]:
-        layers = state.get("moa_layers") or []
+        call = self.engine.aggregator_call(state["messages"], layers, self.aggregator_kwargs)
+        started = time.perf_counter()
+        aggregate = yield call
         final = self.engine.final_message(layers, aggregate, time.perf_counter() - started)
         # Same id as the streamed aggregator chunks: LangGraph's message stream then
         # recognises the node output as the message it already streamed.
@@ -333,14 +317,21 @@ class _MoANodes:
         return {"messages": [final], "moa_usage": final.usage_metadata}
 
     def aggregator(self, state: MoAState, config: RunnableConfig) -> dict[str, Any]:
-        started = time.perf_counter()
-        aggregate = calls.invoke(self._call(state), config)
-        return self._finish(state, aggregate, started)
+        return drive(self._aggregator_steps(state), config)
 
     async def aaggregator(self, state: MoAState, config: RunnableConfig) -> dict[str, Any]:
-        started = time.perf_counter()
-        aggregate = await calls.ainvoke(self._call(state), config)
-        return self._finish(state, aggregate, started)
+        return await adrive(self._aggregator_steps(state), config)
+
+
+def _node(func: Callable[..., dict[str, Any]], afunc: Callable[..., Any] | None = None) -> Any:
+    """A graph node: `func` on invoke, `afunc` on ainvoke. Without `afunc` (a node that
+    calls no model) ainvoke runs `func` inline, on the event loop, not on a thread."""
+    if afunc is None:
+
+        async def afunc(state: MoAState) -> dict[str, Any]:
+            return func(state)
+
+    return RunnableCallable(func, afunc, name=func.__name__)
 
 
 # -------------------------------------------------------------------- building
@@ -432,22 +423,13 @@ def build_moa_graph(
     policies = list(nodes.policies)
 
     builder = StateGraph(MoAState, input_schema=MoAInput)
-    builder.add_node("prepare", RunnableCallable(nodes.prepare, nodes.aprepare, name="prepare"))
+    builder.add_node("prepare", _node(nodes.prepare))
+    builder.add_node("proposer", _node(nodes.proposer, nodes.aproposer), retry_policy=policies)
+    builder.add_node("collect", _node(nodes.collect))
     builder.add_node(
-        "proposer",
-        RunnableCallable(nodes.proposer, nodes.aproposer, name="proposer"),
-        retry_policy=policies,
+        "aggregator", _node(nodes.aggregator, nodes.aaggregator), retry_policy=policies
     )
-    builder.add_node("collect", RunnableCallable(nodes.collect, nodes.acollect, name="collect"))
-    builder.add_node(
-        "aggregator",
-        RunnableCallable(nodes.aggregator, nodes.aaggregator, name="aggregator"),
-        retry_policy=policies,
-    )
-    builder.add_node(
-        "quorum_failed",
-        RunnableCallable(nodes.quorum_failed, nodes.aquorum_failed, name="quorum_failed"),
-    )
+    builder.add_node("quorum_failed", _node(nodes.quorum_failed))
     builder.add_edge(START, "prepare")
     builder.add_conditional_edges("prepare", nodes.route, ["proposer", "aggregator"])
     builder.add_edge("proposer", "collect")

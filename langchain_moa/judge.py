@@ -45,13 +45,13 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 
-from langchain_moa import calls
 from langchain_moa.calls import CallResult, ModelCall, sum_usage
 from langchain_moa.errors import ConfigError, JudgeError
 from langchain_moa.models import model_endpoint, model_label, resolve_model
 from langchain_moa.redaction import register_models
 from langchain_moa.references import inject_references
 from langchain_moa.settings import shown
+from langchain_moa.steps import Steps, adrive, drive
 
 Mode = Literal["pairwise", "pointwise", "likelihood"]
 Scoring = Literal["verdict", "probability"]
@@ -652,23 +652,10 @@ class MoAJudge:
             tokens = _logprob_tokens(result.message)
             request.soft = self._mode.soft(tokens) if tokens else None
 
-    def _limit(self, config: RunnableConfig | None) -> int | None:
-        return self.max_concurrency or (config or {}).get("max_concurrency")
-
-    def _run_sync(self, requests: list[_Request], config: RunnableConfig | None) -> None:
+    def _ask(self, requests: list[_Request]) -> Steps[None]:
         """Ask every request; ask the unsettled ones once more (then they abstain)."""
         while pending := [r for r in requests if not r.settled]:
-            results = calls.run_all(
-                [self._call(r) for r in pending], config, max_concurrency=self._limit(config)
-            )
-            for request, result in zip(pending, results, strict=True):
-                self._record(request, result)
-
-    async def _run_async(self, requests: list[_Request], config: RunnableConfig | None) -> None:
-        while pending := [r for r in requests if not r.settled]:
-            results = await calls.arun_all(
-                [self._call(r) for r in pending], config, max_concurrency=self._limit(config)
-            )
+            results = yield [self._call(r) for r in pending]
             for request, result in zip(pending, results, strict=True):
                 self._record(request, result)
 
@@ -777,6 +764,23 @@ class MoAJudge:
         )
 
     # --------------------------------------------------------------- public API
+    def _rank_steps(
+        self, prompt: str | Sequence[Any], candidates: Sequence[str]
+    ) -> Steps[JudgeResult]:
+        """Ranking as steps: the criteria call (dynamic criteria; its failure raises
+        `CallError`), the judges' requests, then the aggregator's requests."""
+        self._validate(candidates)
+        text = _prompt_text(prompt)
+        criteria, info = self._static_criteria()
+        if self.criteria == "dynamic":
+            reply = yield self._criteria_call(text)
+            criteria, info = self._criteria_from(reply.text, text)
+        requests = self._requests(text, candidates, criteria)
+        yield from self._ask(requests)
+        agg_requests = self._aggregator_requests(requests) if self.aggregator is not None else []
+        yield from self._ask(agg_requests)
+        return self._result(candidates, requests, agg_requests, info)
+
     def rank(
         self,
         prompt: str | Sequence[Any],
@@ -785,19 +789,11 @@ class MoAJudge:
     ) -> JudgeResult:
         """Score `candidates` for `prompt` (sync; judge calls run concurrently in threads).
 
-        `config` parents the judge calls (callbacks, tags) and may set ``max_concurrency``.
+        `config` parents the judge calls (callbacks, tags) and may set ``max_concurrency``
+        (``max_concurrency=`` given to the judge wins).
         """
-        self._validate(candidates)
-        text = _prompt_text(prompt)
-        criteria, info = self._static_criteria()
-        if self.criteria == "dynamic":
-            reply = calls.invoke(self._criteria_call(text), config)
-            criteria, info = self._criteria_from(reply.text, text)
-        requests = self._requests(text, candidates, criteria)
-        self._run_sync(requests, config)
-        agg_requests = self._aggregator_requests(requests) if self.aggregator is not None else []
-        self._run_sync(agg_requests, config)
-        return self._result(candidates, requests, agg_requests, info)
+        steps = self._rank_steps(prompt, candidates)
+        return drive(steps, config, max_concurrency=self.max_concurrency)
 
     async def arank(
         self,
@@ -806,17 +802,8 @@ class MoAJudge:
         config: RunnableConfig | None = None,
     ) -> JudgeResult:
         """Async `rank`: judge calls run concurrently as asyncio tasks."""
-        self._validate(candidates)
-        text = _prompt_text(prompt)
-        criteria, info = self._static_criteria()
-        if self.criteria == "dynamic":
-            reply = await calls.ainvoke(self._criteria_call(text), config)
-            criteria, info = self._criteria_from(reply.text, text)
-        requests = self._requests(text, candidates, criteria)
-        await self._run_async(requests, config)
-        agg_requests = self._aggregator_requests(requests) if self.aggregator is not None else []
-        await self._run_async(agg_requests, config)
-        return self._result(candidates, requests, agg_requests, info)
+        steps = self._rank_steps(prompt, candidates)
+        return await adrive(steps, config, max_concurrency=self.max_concurrency)
 
     def rank_batch(self, items: Sequence[tuple[Any, Sequence[str]]]) -> list[JudgeResult]:
         return [self.rank(prompt, candidates) for prompt, candidates in items]

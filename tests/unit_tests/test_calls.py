@@ -134,6 +134,15 @@ async def test_max_concurrency_bounds_the_judge() -> None:
     assert TRACKER["peak"] == 2
 
 
+async def test_the_judges_own_max_concurrency_wins_over_the_configs() -> None:
+    judges = [tracked(f"j{i}", "fine [[A]]", delay=0.03) for i in range(3)]
+    judge = MoAJudge(judges=judges, max_concurrency=1)
+    judge.rank("q", ["a", "b"], {"max_concurrency": 3})
+    assert TRACKER["peak"] == 1
+    await judge.arank("q", ["a", "b"], {"max_concurrency": 3})
+    assert TRACKER["peak"] == 1
+
+
 @pytest.mark.parametrize("how", ["invoke", "stream"])
 def test_sync_paths_call_models_in_threads_without_an_event_loop(how: str) -> None:
     ps = [tracked("a"), tracked("b")]
