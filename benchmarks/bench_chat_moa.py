@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
-from pathlib import Path
+from collections.abc import Callable, Iterable
+from typing import Any
 
+from _common import print_table, write_results
 from langchain_core.messages import HumanMessage
 
 from langchain_moa import DEFAULT_AGGREGATOR_PROMPT, ChatMoA, inject_references
 from langchain_moa.testing import ModelScript, ScriptedOpenAIServer
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def _median(samples: list[float]) -> float:
@@ -37,6 +36,15 @@ def timed(fn, repeats: int) -> float:
         fn()
         samples.append(time.perf_counter() - started)
     return _median(samples)
+
+
+def first_token_seconds(stream: Callable[[], Iterable[Any]]) -> float:
+    """Seconds from calling ``stream`` to its first chunk with content (to its end if none)."""
+    started = time.perf_counter()
+    for chunk in stream():
+        if chunk.content:
+            break
+    return time.perf_counter() - started
 
 
 async def atimed(fn, repeats: int) -> float:
@@ -90,22 +98,12 @@ def main() -> None:
         moa_invoke = timed(lambda: moa.invoke(question), args.repeats)
 
         # first token of a plain aggregator stream
-        def plain_first_token() -> float:
-            started = time.perf_counter()
-            for chunk in aggregator.stream(question):
-                if chunk.content:
-                    return time.perf_counter() - started
-            return time.perf_counter() - started
-
-        def moa_first_token() -> float:
-            started = time.perf_counter()
-            for chunk in moa.stream(question):
-                if chunk.content:
-                    return time.perf_counter() - started
-            return time.perf_counter() - started
-
-        plain_ttft = _median([plain_first_token() for _ in range(args.repeats)])
-        moa_ttft = _median([moa_first_token() for _ in range(args.repeats)])
+        plain_ttft = _median(
+            [first_token_seconds(lambda: aggregator.stream(question)) for _ in range(args.repeats)]
+        )
+        moa_ttft = _median(
+            [first_token_seconds(lambda: moa.stream(question)) for _ in range(args.repeats)]
+        )
         ttft_critical = n_proposer_layers * plain_proposer + plain_ttft
 
         # ----------------------------------------------------------------- async
@@ -166,29 +164,23 @@ def main() -> None:
         "ttft_critical_path_s": ttft_critical,
         "ttft_ratio": moa_ttft / ttft_critical,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "chat_moa.json").write_text(json.dumps(results, indent=2) + "\n")
-    print("| measure | ChatMoA | reference | ratio | target |")
-    print("|---|---|---|---|---|")
-    print(
-        f"| invoke | {moa_invoke:.3f} s | critical path {critical:.3f} s | "
-        f"{results['invoke_ratio']:.3f} | <= 1.10 |"
-    )
-    print(
-        f"| ainvoke | {async_results['ainvoke_s']:.3f} s | critical path "
-        f"{async_results['ainvoke_critical_path_s']:.3f} s | "
-        f"{results['ainvoke_ratio']:.3f} | <= 1.10 |"
-    )
-    print(
-        f"| abatch x{args.batch} (concurrency {args.concurrency}) | "
-        f"{async_results['abatch_s']:.3f} s"
-        f" | hand-written asyncio {async_results['hand_written_asyncio_s']:.3f} s | "
-        f"{results['abatch_ratio']:.3f} | <= 1.15 |"
-    )
-    print(
-        f"| first streamed token | {moa_ttft:.3f} s | critical path {ttft_critical:.3f} s | "
-        f"{results['ttft_ratio']:.3f} | <= 1.15 |"
-    )
+    write_results("chat_moa.json", results)
+    a = async_results
+    print_table(
+        ["measure", "ChatMoA", "reference", "ratio", "target"],
+        [
+            ["invoke", f"{moa_invoke:.3f} s", f"critical path {critical:.3f} s",
+             f"{results['invoke_ratio']:.3f}", "<= 1.10"],
+            ["ainvoke", f"{a['ainvoke_s']:.3f} s",
+             f"critical path {a['ainvoke_critical_path_s']:.3f} s",
+             f"{results['ainvoke_ratio']:.3f}", "<= 1.10"],
+            [f"abatch x{args.batch} (concurrency {args.concurrency})", f"{a['abatch_s']:.3f} s",
+             f"hand-written asyncio {a['hand_written_asyncio_s']:.3f} s",
+             f"{results['abatch_ratio']:.3f}", "<= 1.15"],
+            ["first streamed token", f"{moa_ttft:.3f} s",
+             f"critical path {ttft_critical:.3f} s", f"{results['ttft_ratio']:.3f}", "<= 1.15"],
+        ],
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

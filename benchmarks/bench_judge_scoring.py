@@ -28,12 +28,11 @@ import argparse
 import json
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).parent
+from _common import HERE, RESULTS, write_results
+
 DATA = HERE / "data" / "judge_pairs.jsonl"
-RESULTS = HERE / "results"
 
 
 def load_pairs(limit: int | None = None) -> list[dict[str, Any]]:
@@ -139,8 +138,7 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "cpu": platform.processor()},
         "runs": list(runs.values()),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "judge_scoring.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_results("judge_scoring.json", results, indent=1)
     for r in results["runs"]:
         print(f"{r['mode']}: accuracy {r['accuracy']} ties {r['ties']} ({r['seconds']} s)")
 

@@ -15,16 +15,15 @@ Run: ``python benchmarks/bench_local.py`` (writes benchmarks/results/local.json)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from _common import print_table, write_results
+
 QUESTION = "Give me two tips for sleeping better."
 # Warm runs ask a new question each time: llama.cpp caches prompts, and with fixed seeds the
 # same question gives the same drafts, so a repeated question would turn the aggregator's
@@ -124,19 +123,19 @@ def main() -> None:
             "warm_single": warm_single,
         },
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "local.json").write_text(json.dumps(results, indent=2) + "\n")
-    print("| measure | local 3-proposer MoA | one call of the same model |")
-    print("|---|---|---|")
-    print(
-        f"| cold start to answer (new process) | {results['cold_moa_s']:.2f} s | "
-        f"{results['cold_single_s']:.2f} s |"
-    )
-    print(
-        f"| warm answer | {results['warm_moa_s']:.2f} s "
-        f"({results['warm_moa_output_tokens']:.0f} tokens generated over 4 calls) | "
-        f"{results['warm_single_s']:.2f} s ({results['warm_single_output_tokens']:.0f} tokens) |"
-    )
+    write_results("local.json", results)
+    r = results
+    print_table(
+        ["measure", "local 3-proposer MoA", "one call of the same model"],
+        [
+            ["cold start to answer (new process)", f"{r['cold_moa_s']:.2f} s",
+             f"{r['cold_single_s']:.2f} s"],
+            ["warm answer",
+             f"{r['warm_moa_s']:.2f} s ({r['warm_moa_output_tokens']:.0f} tokens generated over "
+             "4 calls)",
+             f"{r['warm_single_s']:.2f} s ({r['warm_single_output_tokens']:.0f} tokens)"],
+        ],
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

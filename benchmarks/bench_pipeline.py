@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import RESULTS, write_results
+
 from langchain_moa.testing import serve_in_subprocess
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
 PROPOSERS = ["p1", "p2", "p3"]
 
 
@@ -174,8 +174,7 @@ def main() -> None:
         "latency_s": 0.2,
         "cpus": os.cpu_count(),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "pipeline.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results("pipeline.json", results)
     print("rows/s ratio (moa generate / hand-written):", results["ratio_rows_per_s"])
     plot(results)
 

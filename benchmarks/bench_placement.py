@@ -19,11 +19,9 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
+from _common import write_results
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
-
-RESULTS = Path(__file__).parent / "results"
 
 TOPICS = [
     ("bread", "the steps of baking a sourdough loaf, from feeding the starter to cooling"),
@@ -103,8 +101,7 @@ def main() -> None:
         "runs_s": ttft,
     }
     results["speedup"] = results["ttft_s"]["first_system"] / results["ttft_s"]["after_conversation"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "placement.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results("placement.json", results)
     print(json.dumps({k: results[k] for k in ("aggregator_prompt_tokens", "ttft_s", "speedup")}))
 
 

@@ -14,7 +14,6 @@ for them afterwards. Results in ``results/serve.json``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _common import percentile, write_results
 
 from langchain_moa.testing import (
     ModelScript,
@@ -30,8 +30,6 @@ from langchain_moa.testing import (
     start_moa_serve,
 )
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
 PROPOSERS = ["p1", "p2", "p3"]
 
 
@@ -47,11 +45,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def load(root: str, requests: int, concurrency: int) -> dict[str, Any]:
@@ -172,8 +165,7 @@ async def main(requests: int = 500, concurrency: int = 50) -> dict[str, Any]:
         "requests": requests, "concurrency": concurrency, "proposers": 3,
         "proposer_s": 0.2, "aggregator_s": 0.1, "cpus": os.cpu_count(),
     }  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results("serve.json", results)
     print("throughput ratio (served / in-process):", results["throughput_ratio"])
     return results
 

@@ -36,10 +36,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
+from _common import HERE, RESULTS, percentile, write_results
 from langchain_core.callbacks import AsyncCallbackHandler
 from langchain_core.messages import HumanMessage
 
@@ -50,20 +50,6 @@ from langchain_moa.testing import (
     serve_in_subprocess,
     start_moa_serve,
 )
-
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
-
-
-def write(name: str, data: dict[str, Any]) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / name).write_text(json.dumps(data, indent=2) + "\n")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
 
 # ------------------------------------------------------------------ 1. heavy tail
 
@@ -279,6 +265,37 @@ def growth() -> dict[str, Any]:
 # ------------------------------------------------------------------------ plots
 
 
+def bar_chart(
+    plt: Any,
+    name: str,
+    bars: dict[str, float],
+    colors: list[str],
+    shown: str,
+    horizontal: bool = False,
+    figsize: tuple[float, float] = (6, 3.5),
+    **axes: Any,
+) -> None:
+    """One bar per entry of ``bars`` (label: value), each marked with its value formatted by
+    ``shown``; ``axes`` (labels, title) go to ``Axes.set``; saved as ``results/<name>``."""
+    fig, ax = plt.subplots(figsize=figsize)
+    labels, values = list(bars), list(bars.values())
+    if horizontal:
+        ax.barh(labels, values, color=colors)
+        for y, value in enumerate(values):
+            ax.text(value, y, " " + shown.format(value), va="center", fontsize=8)
+    else:
+        ax.bar(labels, values, color=colors)
+        for x, value in enumerate(values):
+            ax.text(x, value, shown.format(value), ha="center", va="bottom", fontsize=8)
+    ax.set(**axes)
+    save(fig, name)
+
+
+def save(fig: Any, name: str) -> None:
+    fig.tight_layout()
+    fig.savefig(RESULTS / name, dpi=120)
+
+
 def plot(tail_data: dict, faces_data: dict, growth_data: dict) -> None:
     import matplotlib
 
@@ -304,8 +321,7 @@ def plot(tail_data: dict, faces_data: dict, growth_data: dict) -> None:
     fig.suptitle(
         "Heavy-tailed proposers (lognormal 0.2 s, sigma 0.8), 4 proposers, 3 layers, 120 prompts"
     )
-    fig.tight_layout()
-    fig.savefig(RESULTS / "tail_cdf.png", dpi=120)
+    save(fig, "tail_cdf.png")
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
     ratios = faces_data["ratio"]
@@ -317,8 +333,7 @@ def plot(tail_data: dict, faces_data: dict, growth_data: dict) -> None:
     ax.set(xlim=(0.9, max(1.2, max(ratios.values()) + 0.05)), xlabel="time / critical path",
            title="Overhead of every face over the raw provider calls")  # fmt: skip
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "overhead.png", dpi=120)
+    save(fig, "overhead.png")
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     for ax, key, title in (
@@ -344,43 +359,33 @@ def plot(tail_data: dict, faces_data: dict, growth_data: dict) -> None:
     axes[2].set_xticks([j + width / 2 for j in range(len(names))], names, fontsize=8)
     axes[2].set(title="5 layers, 3 agreeing proposers", yscale="log")
     axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "growth.png", dpi=120)
+    save(fig, "growth.png")
 
     local = RESULTS / "local.json"
     if local.exists():
         data = json.loads(local.read_text())
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        labels = ["warm, one call", "warm, MoA", "cold, one call", "cold, MoA"]
-        values = [
-            data["warm_single_s"],
-            data["warm_moa_s"],
-            data["cold_single_s"],
-            data["cold_moa_s"],
-        ]
-        ax.bar(labels, values, color=["#55a868", "#4c72b0", "#8fd19e", "#8da0cb"])
-        for x, value in enumerate(values):
-            ax.text(x, value, f"{value:.1f} s", ha="center", va="bottom", fontsize=8)
-        ax.set(ylabel="seconds", title="Embedded SmolLM2-135M on 2 CPU cores (local recipe)")
-        fig.tight_layout()
-        fig.savefig(RESULTS / "local.png", dpi=120)
+        bars = {
+            "warm, one call": data["warm_single_s"],
+            "warm, MoA": data["warm_moa_s"],
+            "cold, one call": data["cold_single_s"],
+            "cold, MoA": data["cold_moa_s"],
+        }
+        colors = ["#55a868", "#4c72b0", "#8fd19e", "#8da0cb"]
+        title = "Embedded SmolLM2-135M on 2 CPU cores (local recipe)"
+        bar_chart(plt, "local.png", bars, colors, "{:.1f} s", ylabel="seconds", title=title)
 
     placement = RESULTS / "placement.json"
     if placement.exists():
         data = json.loads(placement.read_text())
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        labels = [
-            "drafts in the first system message\n(reference)",
-            "drafts after the conversation",
-        ]
-        values = [data["ttft_s"]["first_system"], data["ttft_s"]["after_conversation"]]
-        ax.barh(labels, values, color=["#c44e52", "#55a868"])
-        for y, value in enumerate(values):
-            ax.text(value, y, f" {value:.1f} s", va="center", fontsize=8)
-        ax.set(xlabel="aggregator time to first token (s)",
-               title=f"~1,500-token conversation, llama.cpp prompt cache: {data['speedup']:.1f}x")  # fmt: skip  # noqa: E501
-        fig.tight_layout()
-        fig.savefig(RESULTS / "placement.png", dpi=120)
+        bars = {
+            "drafts in the first system message\n(reference)": data["ttft_s"]["first_system"],
+            "drafts after the conversation": data["ttft_s"]["after_conversation"],
+        }
+        title = f"~1,500-token conversation, llama.cpp prompt cache: {data['speedup']:.1f}x"
+        bar_chart(
+            plt, "placement.png", bars, ["#c44e52", "#55a868"], "{:.1f} s", horizontal=True,
+            figsize=(6, 3.2), xlabel="aggregator time to first token (s)", title=title,
+        )  # fmt: skip
 
 
 def main() -> None:
@@ -396,7 +401,7 @@ def main() -> None:
             "faces": lambda: asyncio.run(faces()),
             "growth": growth,
         }
-        write(f"{args.only}.json", parts[args.only]())
+        write_results(f"{args.only}.json", parts[args.only]())
         plot(
             *(json.loads((RESULTS / f"{n}.json").read_text()) for n in ("tail", "faces", "growth"))
         )
@@ -409,13 +414,13 @@ def main() -> None:
         subprocess.run([sys.executable, str(HERE / "bench_local.py")], check=True, env=env)
         subprocess.run([sys.executable, str(HERE / "bench_placement.py")], check=True, env=env)
     tail_data = asyncio.run(tails())
-    write("tail.json", tail_data)
+    write_results("tail.json", tail_data)
     print("tail p95 ratios:", {k: v["p95_ratio"] for k, v in tail_data.items()}, flush=True)
     faces_data = asyncio.run(faces())
-    write("faces.json", faces_data)
+    write_results("faces.json", faces_data)
     print("faces:", faces_data["ratio"], flush=True)
     growth_data = growth()
-    write("growth.json", growth_data)
+    write_results("growth.json", growth_data)
     plot(tail_data, faces_data, growth_data)
     print(f"plots and numbers in {RESULTS}")
 

@@ -20,6 +20,7 @@ from langgraph.types import RetryPolicy
 from langchain_moa.calls import CallError
 from langchain_moa.graph import build_moa_graph, is_transient_error
 from langchain_moa.testing import ModelScript, ScriptedOpenAIServer
+from tests.support import call
 
 pytestmark = pytest.mark.http
 
@@ -93,11 +94,7 @@ async def test_parent_message_stream_has_aggregator_tokens_and_no_drafts(
 ) -> None:
     parent = parent_of(moa_graph(server))
     inputs = {"messages": [HumanMessage("What is MoA?")]}
-    kwargs = {"stream_mode": "messages", "subgraphs": True}
-    if how == "stream":
-        events = list(parent.stream(inputs, **kwargs))
-    else:
-        events = [e async for e in parent.astream(inputs, **kwargs)]
+    events = await call(parent, inputs, how, stream_mode="messages", subgraphs=True)
     chunks = [(chunk, meta) for _ns, (chunk, meta) in events]
     assert {meta["langgraph_node"] for _, meta in chunks} == {"aggregator"}
     texts = [chunk.content for chunk, _ in chunks if chunk.content]

@@ -23,7 +23,6 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -34,6 +33,7 @@ from langchain_moa import ChatMoA, MoAError, MoAJudge, build_judge_graph, build_
 from langchain_moa.calls import CallError
 from langchain_moa.data import RunStopped, agenerate
 from langchain_moa.testing import ModelScript, ScriptedOpenAIServer, start_moa_serve
+from tests.support import call
 
 pytestmark = pytest.mark.http
 
@@ -84,16 +84,6 @@ def assert_no_key(exc: BaseException, key: str) -> None:
     assert "***" in str(exc)  # the provider did quote the key: it was masked, not lost
 
 
-async def call(runnable: Any, how: str, value: Any) -> Any:
-    if how == "invoke":
-        return runnable.invoke(value)
-    if how == "ainvoke":
-        return await runnable.ainvoke(value)
-    if how == "stream":
-        return list(runnable.stream(value))
-    return [c async for c in runnable.astream(value)]
-
-
 # ------------------------------------------------------------------- secrets, API
 
 
@@ -105,7 +95,7 @@ async def test_chat_moa_aggregator_401_never_shows_the_key(
     key = KEYS[shape]
     moa = ChatMoA(proposers=[client(server, "p1")], aggregator=client(server, "reject", key))
     with pytest.raises(CallError) as info:
-        await call(moa, how, "What is MoA?")
+        await call(moa, "What is MoA?", how)
     assert re.match(
         r"aggregator \(reject\): \w*AuthenticationError: Error code: 401", str(info.value)
     )
@@ -139,7 +129,7 @@ async def test_graph_judge_and_judge_graph_never_show_the_key(
     rejecting = client(server, "reject", key)
     graph = build_moa_graph([client(server, "p1")], rejecting)
     with pytest.raises(CallError) as info:
-        await call(graph, how, {"messages": [HumanMessage("q")]})
+        await call(graph, {"messages": [HumanMessage("q")]}, how)
     assert str(info.value).startswith("aggregator (reject):")
     assert_no_key(info.value, key)
 
@@ -155,7 +145,7 @@ async def test_graph_judge_and_judge_graph_never_show_the_key(
     # the sampler's model is not known to the judge: the call layer learns its key itself
     graph = build_judge_graph(MoAJudge(judges=[client(server, "judge")]), rejecting, n=2)
     with pytest.raises(CallError) as info:
-        await call(graph, how, {"prompt": "q"})
+        await call(graph, {"prompt": "q"}, how)
     assert str(info.value).startswith("sample 1 (reject):")
     assert_no_key(info.value, key)
 
@@ -183,7 +173,7 @@ async def test_empty_choices_is_a_one_line_error_naming_the_aggregator(
     moa = ChatMoA(proposers=[client(server, "p1")], aggregator=client(server, "nochoices"))
     for how in ("invoke", "ainvoke"):
         with pytest.raises(CallError) as info:
-            await call(moa, how, "q")
+            await call(moa, "q", how)
         assert str(info.value).startswith("aggregator (nochoices): the model returned no answer")
         assert "\n" not in str(info.value)
 

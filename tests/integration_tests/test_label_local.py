@@ -14,30 +14,13 @@ from langchain_moa.local import pull_bundled_model
 
 pytestmark = pytest.mark.local_model
 
-CONFIG = """
-layers = 2
-[[proposers]]
-provider = "local"
-temperature = 0.3
-seed = 1
-max_tokens = 120
-[[proposers]]
-provider = "local"
-temperature = 0.5
-seed = 2
-max_tokens = 120
-[aggregator]
-provider = "local"
-temperature = 0.2
-seed = 3
-max_tokens = 120
-"""
+LOCAL_MEMBERS = {"proposers": [(0.3, 1, 120), (0.5, 2, 120)], "aggregator": (0.2, 3, 120)}
 
 
-def test_moa_label_on_the_local_model(tmp_path: Path) -> None:
+def test_moa_label_on_the_local_model(tmp_path: Path, local_recipe) -> None:
     pull_bundled_model()
     cfg = tmp_path / "local.toml"
-    cfg.write_text(CONFIG)
+    cfg.write_text(local_recipe(**LOCAL_MEMBERS))
     source = tmp_path / "in.jsonl"
     source.write_text(
         json.dumps({"id": "capital", "prompt": "What is the capital of France?",

@@ -21,29 +21,10 @@ from langchain_moa.local import local_chat_model, local_server, pull_bundled_mod
 
 pytestmark = pytest.mark.local_model
 
-SHORT_CONFIG = """
-layers = 2
-[[proposers]]
-provider = "local"
-temperature = 0.7
-seed = 1
-max_tokens = 24
-[[proposers]]
-provider = "local"
-temperature = 0.9
-seed = 2
-max_tokens = 24
-[[proposers]]
-provider = "local"
-temperature = 1.1
-seed = 3
-max_tokens = 24
-[aggregator]
-provider = "local"
-temperature = 0.2
-seed = 4
-max_tokens = 32
-"""
+SHORT_MEMBERS = {  # (temperature, seed, max_tokens)
+    "proposers": [(0.7, 1, 24), (0.9, 2, 24), (1.1, 3, 24)],
+    "aggregator": (0.2, 4, 32),
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +33,9 @@ def model_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def short_config(tmp_path_factory, model_path: Path) -> Path:
+def short_config(tmp_path_factory, model_path: Path, local_recipe) -> Path:
     path = tmp_path_factory.mktemp("cfg") / "short.toml"
-    path.write_text(SHORT_CONFIG)
+    path.write_text(local_recipe(**SHORT_MEMBERS))
     return path
 
 

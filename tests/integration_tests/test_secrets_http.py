@@ -36,6 +36,7 @@ from langchain_openai import ChatOpenAI
 from langchain_moa import ChatMoA, MoAError, build_moa_graph
 from langchain_moa.calls import CallError
 from langchain_moa.testing import ModelScript, ScriptedOpenAIServer
+from tests.support import call
 
 pytestmark = pytest.mark.http
 
@@ -150,16 +151,6 @@ def assert_clean_error(exc: BaseException, key: str) -> None:
     assert "***" in str(exc)  # the provider did quote the key: masked, not lost
 
 
-async def run(runnable: Any, how: str, value: Any, config: dict) -> Any:
-    if how == "invoke":
-        return runnable.invoke(value, config)
-    if how == "ainvoke":
-        return await runnable.ainvoke(value, config)
-    if how == "stream":
-        return list(runnable.stream(value, config))
-    return [c async for c in runnable.astream(value, config)]
-
-
 def dumped(value: Any) -> str:
     return json.dumps(value, default=repr)
 
@@ -183,7 +174,7 @@ async def test_hostile_members_never_leak_the_key(
         proposers=[keyed.client("reject"), keyed.client("echo"), keyed.client("draft")],
         aggregator=keyed.client("agg"),
     )
-    result = await run(moa, how, "What is MoA?", {"callbacks": [collector]})
+    result = await call(moa, "What is MoA?", how, {"callbacks": [collector]})
     if how in ("stream", "astream"):
         answer = result[0]
         for chunk in result[1:]:
@@ -205,7 +196,7 @@ async def test_hostile_members_never_leak_the_key(
 
     failing = ChatMoA(proposers=[keyed.client("draft")], aggregator=keyed.client("reject"))
     with pytest.raises(CallError) as info:
-        await run(failing, how, "q", {"callbacks": [collector]})
+        await call(failing, "q", how, {"callbacks": [collector]})
     assert_clean_error(info.value, key)
     strict = ChatMoA(
         proposers=[keyed.client("reject"), keyed.client("echo")],
@@ -213,7 +204,7 @@ async def test_hostile_members_never_leak_the_key(
         min_proposers=2,
     )
     with pytest.raises(MoAError) as quorum:
-        await run(strict, how, "q", {"callbacks": [collector]})
+        await call(strict, "q", how, {"callbacks": [collector]})
     assert_clean_error(quorum.value, key)
     assert key not in collector.text()
 
@@ -252,7 +243,7 @@ async def test_graph_runs_and_streams_never_leak_the_key(
     failing = build_moa_graph([keyed.client("draft")], keyed.client("reject"))
     for how in ("invoke", "ainvoke"):
         with pytest.raises(CallError) as info:
-            await run(failing, how, state, config)
+            await call(failing, state, how, config)
         assert_clean_error(info.value, key)
     assert key not in collector.text()
     assert any(r.error and "***" in r.error for r in collector.runs)

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from langchain_core.language_models import BaseChatModel
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
-from langchain_moa import ChatMoA
 from langchain_moa.testing import ModelScript, ScriptedOpenAIServer
+from tests.support import ChatMoAStandardTests
 
 pytestmark = pytest.mark.http
 
@@ -30,41 +31,13 @@ def scripted_server() -> Iterator[ScriptedOpenAIServer]:
         yield server
 
 
-class TestChatMoAStandardIntegration(ChatModelIntegrationTests):
+class TestChatMoAStandardIntegration(ChatMoAStandardTests, ChatModelIntegrationTests):
     server: ScriptedOpenAIServer
 
-    @property
-    def chat_model_class(self) -> type[ChatMoA]:
-        return ChatMoA
-
-    @property
-    def chat_model_params(self) -> dict:
-        return {
-            "proposers": [
-                self.server.chat_model("proposer-a", max_retries=0),
-                self.server.chat_model("proposer-b", max_retries=0),
-            ],
-            "aggregator": self.server.chat_model("aggregator", max_retries=0),
-            "layers": 2,
-        }
+    def member(self, name: str) -> BaseChatModel:
+        return self.server.chat_model(name, max_retries=0)
 
     @property
     def enable_vcr_tests(self) -> bool:
         # test_stream_time replays a cassette recorded against the scripted server
         return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
-    def supports_model_override(self) -> bool:
-        return True
-
-    @property
-    def model_override_value(self) -> str:
-        return "aggregator-override"

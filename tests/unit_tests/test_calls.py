@@ -8,16 +8,18 @@ transient flag, configuration derived from public fields.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
 from pydantic import PrivateAttr
 
@@ -31,8 +33,8 @@ from langchain_moa.calls import (
 )
 from langchain_moa.errors import is_transient_error
 from langchain_moa.testing.fakes import ScriptedChatModel
-
-PATHS = ["invoke", "ainvoke", "stream", "astream"]
+from tests.support import PATHS, llm_runs
+from tests.support import answer as run
 
 
 class Tracked(ScriptedChatModel):
@@ -40,45 +42,39 @@ class Tracked(ScriptedChatModel):
 
     _where: list[tuple[str, Any]] = PrivateAttr(default_factory=list)
 
-    def _enter(self, tracker: dict[str, Any], path: str) -> None:
+    @contextlib.contextmanager
+    def _running(self, path: str) -> Iterator[None]:
         try:
             loop: Any = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        with tracker["lock"]:
-            tracker["now"] += 1
-            tracker["peak"] = max(tracker["peak"], tracker["now"])
-            tracker["where"].append((path, threading.current_thread().name, loop))
+        with TRACKER["lock"]:
+            TRACKER["now"] += 1
+            TRACKER["peak"] = max(TRACKER["peak"], TRACKER["now"])
+            TRACKER["where"].append((path, threading.current_thread().name, loop))
+        try:
+            yield
+        finally:
+            with TRACKER["lock"]:
+                TRACKER["now"] -= 1
 
     def _generate(
         self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
     ) -> Any:
-        self._enter(TRACKER, "sync")
-        try:
+        with self._running("sync"):
             return super()._generate(messages, stop, run_manager, **kw)
-        finally:
-            with TRACKER["lock"]:
-                TRACKER["now"] -= 1
 
     def _stream(
         self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
     ) -> Any:
-        self._enter(TRACKER, "sync")
-        try:
+        with self._running("sync"):
             yield from super()._stream(messages, stop, run_manager, **kw)
-        finally:
-            with TRACKER["lock"]:
-                TRACKER["now"] -= 1
 
     async def _agenerate(
         self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
     ) -> Any:
-        self._enter(TRACKER, "async")
-        try:
+        with self._running("async"):
             return await super()._agenerate(messages, stop, run_manager, **kw)
-        finally:
-            with TRACKER["lock"]:
-                TRACKER["now"] -= 1
 
 
 TRACKER: dict[str, Any] = {}
@@ -92,22 +88,6 @@ def _reset_tracker() -> None:
 
 def tracked(name: str, reply: Any = None, **kw: Any) -> Tracked:
     return Tracked(model_name=name, reply=reply if reply is not None else f"{name} says hi", **kw)
-
-
-async def run(model: Any, text: Any, how: str, config: Any = None) -> AIMessage:
-    if how == "invoke":
-        return model.invoke(text, config)
-    if how == "ainvoke":
-        return await model.ainvoke(text, config)
-    chunks = (
-        list(model.stream(text, config))
-        if how == "stream"
-        else [c async for c in model.astream(text, config)]
-    )
-    merged = chunks[0]
-    for chunk in chunks[1:]:
-        merged = merged + chunk
-    return merged
 
 
 # ---------------------------------------------------------------- concurrency
@@ -259,14 +239,7 @@ def test_judge_graph_streams_only_the_final_answer_and_tracers_see_every_call() 
     events = list(graph.stream({"prompt": "q"}, {"callbacks": [collector]}, stream_mode="messages"))
     # judge verdicts and sampled candidates are hidden: only the graph's final answer shows
     assert [chunk.content for chunk, _ in events] == ["candidate text"]
-
-    def llm_runs(run: Any) -> list[Any]:
-        found = [run] if run.run_type == "llm" else []
-        for child in run.child_runs:
-            found.extend(llm_runs(child))
-        return found
-
-    runs = [r for root in collector.traced_runs for r in llm_runs(root)]
+    runs = llm_runs(collector)
     tags = sorted(next(t for t in r.tags if t.startswith("moa:")) for r in runs)
     assert tags == ["moa:judge", "moa:judge", "moa:sample", "moa:sample"]
     assert all("nostream" in r.tags for r in runs)

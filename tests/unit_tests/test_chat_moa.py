@@ -28,6 +28,8 @@ from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
 
 from langchain_moa import ChatMoA, MoAError
 from langchain_moa.testing.fakes import ScriptedChatModel
+from tests.support import PATHS, call
+from tests.support import answer as run
 
 INSTR = "Combine these drafts."
 
@@ -40,25 +42,6 @@ def proposer(name: str, reply: Any = None, **kw: Any) -> ScriptedChatModel:
 
 def as_pairs(messages: list[BaseMessage]) -> list[tuple[str, Any]]:
     return [(m.type, m.content) for m in messages]
-
-
-async def run(model: ChatMoA, conversation: Any, how: str) -> AIMessage:
-    """Call the model through one of its four public paths and return the final message."""
-    if how == "invoke":
-        return model.invoke(conversation)
-    if how == "ainvoke":
-        return await model.ainvoke(conversation)
-    if how == "stream":
-        chunks = list(model.stream(conversation))
-    else:
-        chunks = [c async for c in model.astream(conversation)]
-    merged = chunks[0]
-    for chunk in chunks[1:]:
-        merged = merged + chunk
-    return merged
-
-
-PATHS = ["invoke", "ainvoke", "stream", "astream"]
 
 
 @pytest.mark.parametrize("how", PATHS)
@@ -411,22 +394,11 @@ class RunRecorder(BaseCallbackHandler):
         self.usage.append(response.generations[0][0].message.usage_metadata)
 
 
-async def call(moa: ChatMoA, how: str, config: dict) -> None:
-    if how == "invoke":
-        moa.invoke("q", config)
-    elif how == "ainvoke":
-        await moa.ainvoke("q", config)
-    elif how == "stream":
-        list(moa.stream("q", config))
-    else:
-        [c async for c in moa.astream("q", config)]
-
-
 @pytest.mark.parametrize("how", PATHS)
 async def test_proposer_and_aggregator_runs_are_traced_as_children(how: str) -> None:
     collector = RunCollectorCallbackHandler()
     moa = ChatMoA(proposers=[proposer("a"), proposer("b")], aggregator=proposer("agg"))
-    await call(moa, how, {"callbacks": [collector]})
+    await call(moa, "q", how, {"callbacks": [collector]})
     assert len(collector.traced_runs) == 1
     root = collector.traced_runs[0]
     assert root.name == "ChatMoA"
@@ -443,7 +415,7 @@ async def test_plain_handlers_and_usage_callbacks_count_each_token_once(how: str
     ps = [proposer("a", input_tokens=10, output_tokens=5), proposer("b")]
     moa = ChatMoA(proposers=ps, aggregator=proposer("agg", input_tokens=20, output_tokens=3))
     with get_usage_metadata_callback() as usage_cb:
-        await call(moa, how, {"callbacks": [recorder]})
+        await call(moa, "q", how, {"callbacks": [recorder]})
     assert recorder.starts == 1  # one model call from the caller's point of view
     assert recorder.usage[0]["total_tokens"] == 15 + 15 + 23
     totals = list(usage_cb.usage_metadata.values())

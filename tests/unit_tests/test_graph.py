@@ -46,6 +46,7 @@ from langchain_moa.graph import (
     normalize_answer,
 )
 from langchain_moa.testing.fakes import ScriptedChatModel
+from tests.support import call, llm_runs
 
 INSTR = "Combine these drafts."
 ROOT = Path(__file__).resolve().parents[2]
@@ -688,11 +689,7 @@ def streaming_parent() -> tuple[Any, list[ScriptedChatModel]]:
 async def test_message_stream_with_subgraphs_shows_only_aggregator_tokens(how: str) -> None:
     parent, _ = streaming_parent()
     inputs = {"messages": [HumanMessage("q")], "note": "n"}
-    kwargs = {"stream_mode": "messages", "subgraphs": True}
-    if how == "stream":
-        events = list(parent.stream(inputs, **kwargs))
-    else:
-        events = [e async for e in parent.astream(inputs, **kwargs)]
+    events = await call(parent, inputs, how, stream_mode="messages", subgraphs=True)
     pieces = [(chunk, meta) for _ns, (chunk, meta) in events]
     assert {meta["langgraph_node"] for _chunk, meta in pieces} == {"aggregator"}
     assert [chunk.content for chunk, _ in pieces if chunk.content] == ["the ", "final ", "answer"]
@@ -703,10 +700,7 @@ async def test_message_stream_with_subgraphs_shows_only_aggregator_tokens(how: s
 async def test_message_stream_without_subgraphs_shows_the_answer_once(how: str) -> None:
     parent, _ = streaming_parent()
     inputs = {"messages": [HumanMessage("q")], "note": "n"}
-    if how == "stream":
-        events = list(parent.stream(inputs, stream_mode="messages"))
-    else:
-        events = [e async for e in parent.astream(inputs, stream_mode="messages")]
+    events = await call(parent, inputs, how, stream_mode="messages")
     assert [chunk.content for chunk, _meta in events] == ["the final answer"]
 
 
@@ -715,14 +709,7 @@ def test_runs_carry_the_engine_tags() -> None:
     graph = build_moa_graph([model("a"), model("b")], model("agg"), layers=2)
     graph.invoke({"messages": [HumanMessage("q")]}, {"callbacks": [collector]})
     assert graph.moa_engine.aggregator_tags == ("moa:aggregator",)
-
-    def chat_runs(run: Any) -> list[Any]:
-        found = [run] if run.run_type == "llm" else []
-        for child in run.child_runs:
-            found.extend(chat_runs(child))
-        return found
-
-    runs = [r for root in collector.traced_runs for r in chat_runs(root)]
+    runs = llm_runs(collector)
     proposers = [r for r in runs if "moa:proposer" in (r.tags or [])]
     aggregators = [r for r in runs if "moa:aggregator" in (r.tags or [])]
     assert len(proposers) == 2 and all("nostream" in r.tags for r in proposers)

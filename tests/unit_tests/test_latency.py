@@ -12,8 +12,7 @@ from pydantic import PrivateAttr
 
 from langchain_moa import ChatMoA, ConfigError, build_moa_graph
 from langchain_moa.testing.fakes import ScriptedChatModel
-
-PATHS = ["invoke", "ainvoke", "stream", "astream"]
+from tests.support import PATHS, answer
 
 
 class CancelAware(ScriptedChatModel):
@@ -35,20 +34,6 @@ def model(name: str, reply: Any = None, **kw: Any) -> CancelAware:
     return CancelAware(model_name=name, reply=reply if reply is not None else f"{name} draft", **kw)
 
 
-async def run(runnable: Any, how: str) -> Any:
-    if how == "invoke":
-        return runnable.invoke("q")
-    if how == "ainvoke":
-        return await runnable.ainvoke("q")
-    chunks = (
-        list(runnable.stream("q")) if how == "stream" else [c async for c in runnable.astream("q")]
-    )
-    merged = chunks[0]
-    for chunk in chunks[1:]:
-        merged = merged + chunk
-    return merged
-
-
 def fast_and_slow() -> list[CancelAware]:
     return [
         model("a", delay=0.1),
@@ -64,7 +49,7 @@ async def test_layer_closes_after_the_quorum_and_records_the_straggler(how: str)
     agg = model("agg", "final")
     moa = ChatMoA(proposers=ps, aggregator=agg, layers=3, layer_quorum=3, straggler_grace=0.5)
     started = time.perf_counter()
-    result = await run(moa, how)
+    result = await answer(moa, "q", how)
     assert time.perf_counter() - started < 2  # not the 5 s of the slow proposer, twice
     assert result.content == "final"
     for layer in result.response_metadata["moa"]["layers"]:
@@ -83,14 +68,14 @@ async def test_layer_closes_after_the_quorum_and_records_the_straggler(how: str)
 async def test_a_late_answer_within_the_grace_is_kept(how: str) -> None:
     ps = [model("a", delay=0.05), model("b", delay=0.05), model("late", delay=0.3)]
     moa = ChatMoA(proposers=ps, aggregator=model("agg"), layer_quorum=2, straggler_grace=20)
-    result = await run(moa, how)
+    result = await answer(moa, "q", how)
     proposals = result.response_metadata["moa"]["layers"][0]["proposals"]
     assert [p["error"] for p in proposals] == [None, None, None]
 
 
 async def test_default_waits_for_every_proposer() -> None:
     ps = [model("a"), model("b", delay=0.3)]
-    result = await run(ChatMoA(proposers=ps, aggregator=model("agg")), "ainvoke")
+    result = await answer(ChatMoA(proposers=ps, aggregator=model("agg")), "q", "ainvoke")
     assert all(
         p["error"] is None for p in result.response_metadata["moa"]["layers"][0]["proposals"]
     )
@@ -140,7 +125,7 @@ async def test_agreement_early_stop_skips_the_remaining_layers(how: str) -> None
     ps = [model("a", "Paris."), model("b", "paris")]
     agg = model("agg", "Paris")
     moa = ChatMoA(proposers=ps, aggregator=agg, layers=5, early_stop="agreement")
-    result = await run(moa, how)
+    result = await answer(moa, "q", how)
     requests = sum(len(p.calls) for p in ps) + len(agg.calls)
     assert requests == 3  # one proposer layer, then the aggregator (13 without early stop)
     meta = result.response_metadata["moa"]
@@ -157,7 +142,7 @@ async def test_a_predicate_decides_per_layer(how: str) -> None:
         return len(seen) == 2
 
     moa = ChatMoA(proposers=ps, aggregator=model("agg"), layers=5, early_stop=after_two_layers)
-    result = await run(moa, how)
+    result = await answer(moa, "q", how)
     assert len(result.response_metadata["moa"]["layers"]) == 2
     assert seen[0] == ["v1", "x"]  # the layer's answers, in proposer order
 

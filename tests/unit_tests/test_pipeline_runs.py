@@ -38,6 +38,19 @@ class Recorder:
         return [messages[-1].text for messages in self.aggregator.calls]
 
 
+def moa_failing_on(word: str, error: Exception) -> ChatMoA:
+    """An MoA whose aggregator raises `error` on a question containing `word`."""
+
+    def reply(messages):
+        if word in messages[-1].text:
+            raise error
+        return "fine"
+
+    return ChatMoA(
+        proposers=[ScriptedChatModel(reply="draft")], aggregator=ScriptedChatModel(reply=reply)
+    )
+
+
 @pytest.fixture
 def answered_in(read_jsonl) -> Callable[[Path], list[str]]:
     """``answered_in(out)``: the questions answered in OUT, in its order."""
@@ -237,14 +250,7 @@ def test_a_model_that_cannot_be_used_stops_the_run_after_the_first_row(
 
 
 def test_a_row_specific_failure_does_not_stop_the_run(tmp_path: Path, write_jsonl) -> None:
-    def reply(messages):
-        if "poison" in messages[-1].text:
-            raise ValueError("this prompt is too long for the model")
-        return "fine"
-
-    moa = ChatMoA(
-        proposers=[ScriptedChatModel(reply="draft")], aggregator=ScriptedChatModel(reply=reply)
-    )
+    moa = moa_failing_on("poison", ValueError("this prompt is too long for the model"))
     source = write_jsonl(tmp_path / "in.jsonl", prompts("poison", "a", "b"))
     summary = generate(source, tmp_path / "out.jsonl", moa)
     assert (summary.written, summary.failed) == (2, 1)
@@ -256,14 +262,7 @@ def test_a_row_specific_failure_does_not_stop_the_run(tmp_path: Path, write_json
 def test_the_summary_adds_up_and_reasons_are_complete_lines(
     tmp_path: Path, write_jsonl, read_jsonl
 ) -> None:
-    def reply(messages):
-        if "boom" in messages[-1].text:
-            raise RuntimeError("first line\nsecond line that matters")
-        return "ok"
-
-    moa = ChatMoA(
-        proposers=[ScriptedChatModel(reply="draft")], aggregator=ScriptedChatModel(reply=reply)
-    )
+    moa = moa_failing_on("boom", RuntimeError("first line\nsecond line that matters"))
     source = write_jsonl(
         tmp_path / "in.jsonl",
         [*prompts("done", "new", "boom", "new"), '{"prompt": "tab\tinside"}', {"x": 1}],

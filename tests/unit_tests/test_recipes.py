@@ -447,14 +447,6 @@ KEY_SHAPES = [
 
 
 @pytest.mark.parametrize("key", KEY_SHAPES)
-def test_a_key_pasted_into_base_url_is_not_echoed(tmp_path: Path, key: str) -> None:
-    path = write(tmp_path, f"[aggregator]\nmodel='m'\nbase_url='{key}'\n")
-    with pytest.raises(ConfigError, match="aggregator.base_url: must start with http") as info:
-        load_recipe(path)
-    assert key not in str(info.value)
-
-
-@pytest.mark.parametrize("key", KEY_SHAPES)
 def test_a_key_pasted_into_model_is_not_echoed(tmp_path: Path, monkeypatch, key: str) -> None:
     # the model name shows up in the missing-key message (`aggregator (MODEL) needs...`)
     monkeypatch.delenv("MOA_TEST_UNSET_VAR", raising=False)
@@ -467,10 +459,20 @@ def test_a_key_pasted_into_model_is_not_echoed(tmp_path: Path, monkeypatch, key:
 
 
 @pytest.mark.parametrize("key", KEY_SHAPES)
-@pytest.mark.parametrize("field", ["temperature", "seed", "provider", "max_tokens"])
-def test_a_key_pasted_into_any_field_is_not_echoed(tmp_path: Path, field: str, key: str) -> None:
-    path = write(tmp_path, f"[aggregator]\nmodel='m'\nbase_url='http://x'\n{field}='{key}'\n")
-    with pytest.raises(ConfigError, match=f"aggregator.{field}: ") as info:
+@pytest.mark.parametrize(
+    ("field", "error"),
+    [
+        ("base_url", "aggregator.base_url: must start with http"),
+        *((f, f"aggregator.{f}: ") for f in ["temperature", "seed", "provider", "max_tokens"]),
+        ("api_key_env", "must be the NAME of an environment variable"),
+    ],
+)
+def test_a_key_pasted_into_any_field_is_not_echoed(
+    tmp_path: Path, field: str, error: str, key: str
+) -> None:
+    fields = {"model": "m", "base_url": "http://x", field: key}
+    path = write(tmp_path, "[aggregator]\n" + "".join(f"{k}='{v}'\n" for k, v in fields.items()))
+    with pytest.raises(ConfigError, match=error) as info:
         load_recipe(path)
     assert key not in str(info.value)
 
@@ -482,14 +484,6 @@ def test_a_key_as_recipe_name_or_unknown_field_is_not_echoed(tmp_path: Path, key
     assert key not in str(info.value)
     path = write(tmp_path, f'"{key}" = 1\n' + AGG, "k.toml")
     with pytest.raises(ConfigError, match="unknown field") as info:
-        load_recipe(path)
-    assert key not in str(info.value)
-
-
-@pytest.mark.parametrize("key", KEY_SHAPES)
-def test_a_key_in_api_key_env_is_never_echoed(tmp_path: Path, key: str) -> None:
-    path = write(tmp_path, f"[aggregator]\nmodel='m'\nbase_url='http://x'\napi_key_env='{key}'\n")
-    with pytest.raises(ConfigError, match="must be the NAME of an environment variable") as info:
         load_recipe(path)
     assert key not in str(info.value)
 

@@ -10,29 +10,16 @@ from langchain_openai import ChatOpenAI
 from langchain_tests.unit_tests import ChatModelUnitTests
 from pydantic import SecretStr
 
-from langchain_moa import ChatMoA
+from tests.support import ChatMoAStandardTests
 
 ENV_KEY = "sk-from-env-0123456789"
 ENV_BASE_URL = "http://127.0.0.1:9/v1"
 
 
-def _openai(name: str) -> ChatOpenAI:
-    # Never contacted by the unit suite; a loopback address keeps it that way.
-    return ChatOpenAI(model=name, api_key="sk-unit-test", base_url="http://127.0.0.1:9/v1")
-
-
-class TestChatMoAStandardUnit(ChatModelUnitTests):
-    @property
-    def chat_model_class(self) -> type[ChatMoA]:
-        return ChatMoA
-
-    @property
-    def chat_model_params(self) -> dict:
-        return {
-            "proposers": [_openai("proposer-a"), _openai("proposer-b")],
-            "aggregator": _openai("aggregator"),
-            "layers": 2,
-        }
+class TestChatMoAStandardUnit(ChatMoAStandardTests, ChatModelUnitTests):
+    def member(self, name: str) -> ChatOpenAI:
+        # Never contacted by the unit suite; a loopback address keeps it that way.
+        return ChatOpenAI(model=name, api_key="sk-unit-test", base_url="http://127.0.0.1:9/v1")
 
     @property
     def init_from_env_params(self) -> tuple[dict, dict, dict]:
@@ -49,14 +36,6 @@ class TestChatMoAStandardUnit(ChatModelUnitTests):
             },
             {"api_key": None},
         )
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
 
     def test_init_from_env_reaches_every_member(self) -> None:
         """`init_from_env` for a model made of models: every member given as a string is
