@@ -20,7 +20,9 @@ from pathlib import Path
 
 from langchain_core.messages import HumanMessage
 
-from langchain_moa import DEFAULT_AGGREGATOR_PROMPT, ChatMoA, inject_references
+from langchain_moa import ChatMoA
+from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
+from langchain_moa.references import inject_references
 from langchain_moa.testing import ModelScript, ScriptedOpenAIServer
 
 RESULTS = Path(__file__).parent / "results"
