@@ -21,7 +21,9 @@ from typing import Any
 from _common import print_table, write_results
 from langchain_core.messages import HumanMessage
 
-from langchain_moa import DEFAULT_AGGREGATOR_PROMPT, ChatMoA, inject_references
+from langchain_moa import ChatMoA
+from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
+from langchain_moa.references import inject_references
 from langchain_moa.testing import ModelScript, ScriptedOpenAIServer
 
 

@@ -35,7 +35,7 @@ from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
 
-from langchain_moa.graph import build_moa_graph
+from langchain_moa import build_moa_graph
 
 _OPERATORS = {
     ast.Add: operator.add,

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from langchain_moa.judge import MoAJudge
-from langchain_moa.judge_graph import build_judge_graph
-from langchain_moa.local import local_chat_model
+from langchain_moa import MoAJudge, build_judge_graph, local_chat_model
 
 
 def main() -> None:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 
-from langchain_moa.judge import MoAJudge
-from langchain_moa.judge_graph import build_judge_graph
+from langchain_moa import MoAJudge, build_judge_graph
 
 
 def make_graph():

@@ -1,11 +1,13 @@
 """Mixture-of-Agents for LangChain and LangGraph.
 
-One engine (`MoAEngine`) behind several faces: the `ChatMoA` chat model, the LangGraph
-subgraph, the `MoAJudge` ensemble judge and the `moa` CLI.
+One engine behind several faces: the `ChatMoA` chat model, the LangGraph subgraph
+(`build_moa_graph`), the `MoAJudge` ensemble judge (`judge_node`, `build_judge_graph`), the
+data pipelines (`generate`, `label`) and the `moa` CLI. What the guides import is here;
+the building blocks (the engine, reference injection, the call layer) stay in their modules.
 """
 
 from langchain_moa.chat_model import ChatMoA
-from langchain_moa.engine import MoAEngine, Proposal
+from langchain_moa.data import agenerate, alabel, generate, label
 from langchain_moa.errors import (
     CallError,
     ConfigError,
@@ -20,32 +22,37 @@ from langchain_moa.errors import (
 from langchain_moa.graph import MoAState, build_moa_graph
 from langchain_moa.judge import JudgeResult, MoAJudge
 from langchain_moa.judge_graph import build_judge_graph, judge_node
-from langchain_moa.prompts import DEFAULT_AGGREGATOR_PROMPT
-from langchain_moa.references import inject_references, text_only_history
+from langchain_moa.local import local_chat_model
+from langchain_moa.recipes import list_recipes, load_recipe
 from langchain_moa.settings import MoASettings
 
 __all__ = [
-    "DEFAULT_AGGREGATOR_PROMPT",
-    "CallError",
+    # the faces
     "ChatMoA",
-    "MoAEngine",
+    "MoASettings",
+    "MoAState",
+    "build_moa_graph",
+    "JudgeResult",
+    "MoAJudge",
+    "build_judge_graph",
+    "judge_node",
+    "agenerate",
+    "alabel",
+    "generate",
+    "label",
+    # models and recipes
+    "list_recipes",
+    "load_recipe",
+    "local_chat_model",
+    # errors (all in langchain_moa.errors)
+    "CallError",
     "ConfigError",
     "ConstrainedOutputError",
     "JudgeError",
-    "JudgeResult",
     "LocalModelNotFoundError",
     "MoAError",
     "OutputBusy",
     "RunInterrupted",
     "RunStopped",
-    "MoAJudge",
-    "MoASettings",
-    "MoAState",
-    "Proposal",
-    "build_judge_graph",
-    "build_moa_graph",
-    "inject_references",
-    "judge_node",
-    "text_only_history",
 ]
 __version__ = "0.1.0"

@@ -66,7 +66,11 @@ def _update(result: Any, candidates: list[str]) -> dict[str, Any]:
 
 
 def judge_node(judge: MoAJudge) -> RunnableLambda:
-    """A node scoring ``state["candidates"]`` for the state's prompt (sync and async)."""
+    """A node scoring ``state["candidates"]`` for the state's prompt (sync and async).
+
+    It reads ``prompt`` (or the user and system ``messages``) and ``candidates``, and
+    writes ``scores``, ``chosen``, ``rejected`` and ``judge_details``.
+    """
 
     def run(state: JudgeState, config: RunnableConfig) -> dict[str, Any]:
         candidates = list(state.get("candidates") or [])
@@ -91,9 +95,18 @@ def build_judge_graph(
 ) -> Any:
     """Generate `n` candidates, judge, regenerate while best < `threshold` (<= max_attempts).
 
-    `threshold` is on the judge's scale: a win rate in [0, 1] (pairwise) or a 1-10 rating
-    (pointwise); None accepts the first round. The final answer is appended to
-    ``messages`` and stored in ``best``.
+    The final answer is appended to ``messages`` and stored in ``best``.
+
+    Args:
+        judge: the `MoAJudge` that scores each round's candidates.
+        generator: a chat model (or runnable) sampled `n` times per round.
+        n: candidates per round.
+        threshold: the best score to accept, on the judge's scale: a win rate in [0, 1]
+            (pairwise), a 1-10 rating (pointwise), a mean log-probability (likelihood);
+            None accepts the first round.
+        max_attempts: rounds at most; the best candidate seen is kept after the last.
+        checkpointer: a LangGraph checkpointer, to resume or inspect runs.
+        name: the compiled graph's name.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"n must be at least 1, got {shown(n)}")

@@ -535,6 +535,15 @@ def local_chat_model(
     It is a `ChatLocal`: tools and structured output work through JSON-schema grammars
     (see `langchain_moa.constrained`), which the server honours where its chat template
     has no tool format.
+
+    Args:
+        model: a ``.gguf`` path, a Hugging Face file (``owner/repo:file.gguf``), or None for
+            the bundled SmolLM2 (``$MOA_LOCAL_MODEL`` when set).
+        temperature: sampling temperature.
+        max_tokens: the answer's token cap.
+        seed: sampling seed (None: the server's).
+        n_parallel: requests the server runs at once (its slots; one server per model file).
+        **kwargs: passed on to `ChatOpenAI`.
     """
     from langchain_moa.constrained import ChatLocal
 

@@ -936,7 +936,14 @@ def create_app(
     api_key: str | None = None,
     limits: ServeLimits | None = None,
 ) -> Any:
-    """The ASGI app `moa serve` runs: `models` maps model ids to ChatMoA instances."""
+    """The ASGI app `moa serve` runs: OpenAI's chat completions, LangServe routes, health.
+
+    Args:
+        models: model id (what clients send as ``model``) -> `ChatMoA`.
+        api_key: when set, every route but ``/health`` needs it as a Bearer token.
+        limits: runs at once, queue, body size, timeouts (`ServeLimits`; default: its
+            defaults).
+    """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse

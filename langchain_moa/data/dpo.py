@@ -57,6 +57,23 @@ async def alabel(
     under it, the judges see it as part of the conversation, the row's ``prompt`` records
     it, and it is part of the row's identity (as for `agenerate`). Rows that bring
     ``responses`` are ranked as they are.
+
+    Args:
+        input: a JSONL file, or ``hf://datasets/OWNER/NAME/FILE.jsonl``.
+        output: the JSONL file rows are appended to (a rerun skips rows already there).
+        judge: a `MoAJudge`.
+        policy: a chat model that samples candidates for rows without ``responses``.
+        samples: candidates per prompt drawn from `policy`.
+        concurrency: rows in flight at once.
+        progress: a progress bar on stderr (default: when stderr is a terminal).
+        shard: ``(i, n)`` or ``"i/n"``: only the rows whose identity falls in shard i of n.
+        keep_duplicates: answer every copy of repeated content (default: once, reported).
+        push_to_hub: upload OUT to this Hugging Face dataset repo when the run is done.
+        temperature: the policy's sampling temperature (needs `policy`).
+        system: a system message for the rows the policy samples for (needs `policy`).
+
+    Returns:
+        A `RunSummary`; a row whose candidates tie is a failed row, never a made-up pair.
     """
     check_policy_options(policy is not None, temperature=temperature, system=system)
     if samples < 2:

@@ -31,6 +31,20 @@ async def agenerate(
     It is part of the row's content, so of its identity: rerun with another `system`, a row
     without an ``id`` is new content (answered again), one with an ``id`` is reported as
     changed.
+
+    Args:
+        input: a JSONL file, or ``hf://datasets/OWNER/NAME/FILE.jsonl``.
+        output: the JSONL file rows are appended to (a rerun skips rows already there).
+        moa: a `ChatMoA`, or any chat model (it is called with each row's conversation).
+        concurrency: rows in flight at once.
+        progress: a progress bar on stderr (default: when stderr is a terminal).
+        shard: ``(i, n)`` or ``"i/n"``: only the rows whose identity falls in shard i of n.
+        keep_duplicates: answer every copy of repeated content (default: once, reported).
+        push_to_hub: upload OUT to this Hugging Face dataset repo when the run is done.
+        system: a system message for rows without one (see above).
+
+    Returns:
+        A `RunSummary`: rows read, written, skipped, failed, and why.
     """
     check_system(system)
     source = resolve_input(input)

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from langchain_moa import ChatMoA, ConfigError, MoAEngine, MoASettings, build_moa_graph
+from langchain_moa import ChatMoA, ConfigError, MoASettings, build_moa_graph
+from langchain_moa.engine import MoAEngine
 from langchain_moa.recipes import ModelEntry, Recipe
 from langchain_moa.testing.fakes import ScriptedChatModel
 
