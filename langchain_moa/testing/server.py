@@ -325,6 +325,18 @@ class ScriptedOpenAIServer:
             self.requests.append(request)
 
 
+def _completion(model: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """A ``chat.completion`` body around `choices`."""
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        **extra,
+    }
+
+
 class _Server(ThreadingHTTPServer):
     # The default listen backlog (5) refuses connections when a benchmark opens a hundred
     # at once (24 MoA runs x 4 proposers); providers accept them.
@@ -416,16 +428,7 @@ def _make_handler(server: ScriptedOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 return
             if script.no_choices and not body.get("stream"):
                 record.finished = time.perf_counter()
-                self._send_json(
-                    200,
-                    {
-                        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
-                        "object": "chat.completion",
-                        "created": int(time.time()),
-                        "model": model,
-                        "choices": [],
-                    },
-                )
+                self._send_json(200, _completion(model, []))
                 return
             if script.fail_always or count <= script.fail_times:
                 record.status = script.fail_status
@@ -489,8 +492,12 @@ def _make_handler(server: ScriptedOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 ]
                 own = at.get(token, -1.0)
                 content.append(
-                    {"token": token, "logprob": own, "bytes": list(token.encode()),
-                     "top_logprobs": top}  # fmt: skip
+                    {
+                        "token": token,
+                        "logprob": own,
+                        "bytes": list(token.encode()),
+                        "top_logprobs": top,
+                    }  # fmt: skip
                 )
             return {"logprobs": {"content": content}}
 
@@ -520,20 +527,9 @@ def _make_handler(server: ScriptedOpenAIServer) -> type[BaseHTTPRequestHandler]:
                     for call in tool_calls
                 ]
             completion = text + "".join(json.dumps(c["arguments"]) for c in tool_calls)
-            self._send_json(
-                200,
-                {
-                    "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": model,
-                    "choices": [
-                        {"index": 0, "message": message, "finish_reason": finish,
-                         **self._logprobs(model, body, text)}  # fmt: skip
-                    ],
-                    "usage": self._usage(body, completion),
-                },
-            )
+            choice = {"index": 0, "message": message, "finish_reason": finish}
+            choice.update(self._logprobs(model, body, text))
+            self._send_json(200, _completion(model, [choice], usage=self._usage(body, completion)))
 
         def _stream(
             self,
