@@ -2,13 +2,15 @@
 
 - `call` and `answer` run a runnable through one of its four public paths (`PATHS`);
 - `llm_runs` flattens what a run collector traced to its chat-model runs;
-- `ChatMoAStandardTests` is what ChatMoA declares to both of LangChain's standard suites.
+- `ChatMoAStandardTests` is what ChatMoA declares to both of LangChain's standard suites;
+- `interruptible` makes a child process take Ctrl-C as a foreground program does.
 """
 
 from __future__ import annotations
 
 import functools
 import operator
+import signal
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
@@ -18,6 +20,17 @@ from langchain_core.tracers.schemas import Run
 from langchain_moa import ChatMoA
 
 PATHS = ["invoke", "ainvoke", "stream", "astream"]
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a child that a test interrupts with Ctrl-C (SIGINT).
+
+    A shell starts background jobs with SIGINT ignored, and children inherit that, so under
+    ``nohup pytest &`` (or any runner that does the same) a Ctrl-C test would wait for an
+    interruption that never comes. The child gets the default disposition back, as a
+    program started at a terminal has it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 async def call(runnable: Any, value: Any, how: str, config: Any = None, **kwargs: Any) -> Any:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from langchain_moa.testing import ModelScript, ScriptedOpenAIServer
+from tests.support import interruptible
 
 pytestmark = pytest.mark.http
 
@@ -39,6 +40,7 @@ def generate(config: Path, inp: Path, out: Path) -> subprocess.Popen:
          "--config", str(config), "--concurrency", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        preexec_fn=interruptible,
     )  # fmt: skip
 
 

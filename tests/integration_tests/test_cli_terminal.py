@@ -23,6 +23,7 @@ pexpect = pytest.importorskip("pexpect")
 pyte = pytest.importorskip("pyte")
 
 from langchain_moa.testing import ModelScript, ScriptedOpenAIServer  # noqa: E402
+from tests.support import interruptible  # noqa: E402
 
 pytestmark = pytest.mark.http
 
@@ -76,6 +77,7 @@ class Terminal:
             env=env,
             dimensions=(ROWS, COLS),
             timeout=60,
+            preexec_fn=interruptible,
         )
 
     def expect(self, pattern: str | bytes, timeout: float = 60) -> None:
