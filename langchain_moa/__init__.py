@@ -44,15 +44,15 @@ __all__ = [
     "list_recipes",
     "load_recipe",
     "local_chat_model",
-    # errors (all in langchain_moa.errors)
-    "CallError",
-    "ConfigError",
-    "ConstrainedOutputError",
-    "JudgeError",
+    # errors (langchain_moa.errors), by what they mean:
+    "ConfigError",  # a setting or input is wrong; nothing was sent
     "LocalModelNotFoundError",
-    "MoAError",
     "OutputBusy",
-    "RunInterrupted",
     "RunStopped",
+    "MoAError",  # a run failed: too few drafts, no verdict
+    "JudgeError",
+    "CallError",  # one model call failed (redacted, one line)
+    "ConstrainedOutputError",  # a local model's tool call or JSON did not parse
+    "RunInterrupted",  # a pipeline run was cancelled; what was written is kept
 ]
 __version__ = "0.1.0"

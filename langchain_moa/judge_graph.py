@@ -4,7 +4,7 @@
 from the state and writes ``scores``, ``chosen``, ``rejected`` and ``judge_details`` back.
 `build_judge_graph` wires it into a small loop: generate N candidates, judge them, and
 regenerate while the best score is below a threshold (bounded), else return the best one.
-Candidate sampling is `sampling.sample_candidates`, the same code `moa label` uses.
+Candidate sampling is `sampling.sample_steps`, the same code `moa label` uses.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing_extensions import TypedDict
 
 from langchain_moa.errors import ConfigError
 from langchain_moa.judge import MoAJudge
-from langchain_moa.sampling import sample_candidates, sample_candidates_sync
+from langchain_moa.sampling import sample_steps
 from langchain_moa.settings import shown
+from langchain_moa.steps import adrive, drive
 
 
 class JudgeState(TypedDict, total=False):
@@ -115,13 +116,16 @@ def build_judge_graph(
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
         raise ConfigError(f"max_attempts must be at least 1, got {shown(max_attempts)}")
 
-    async def agenerate(state: JudgeState, config: RunnableConfig) -> dict[str, Any]:
-        candidates = await sample_candidates(generator, _as_dicts(_prompt_of(state)), n, config)
+    def round_of(state: JudgeState, candidates: list[str]) -> dict[str, Any]:
         return {"candidates": candidates, "attempts": state.get("attempts", 0) + 1}
 
+    async def agenerate(state: JudgeState, config: RunnableConfig) -> dict[str, Any]:
+        sampling = sample_steps(generator, _as_dicts(_prompt_of(state)), n)
+        return round_of(state, await adrive(sampling, config))
+
     def generate(state: JudgeState, config: RunnableConfig) -> dict[str, Any]:
-        candidates = sample_candidates_sync(generator, _as_dicts(_prompt_of(state)), n, config)
-        return {"candidates": candidates, "attempts": state.get("attempts", 0) + 1}
+        sampling = sample_steps(generator, _as_dicts(_prompt_of(state)), n)
+        return round_of(state, drive(sampling, config))
 
     def route(state: JudgeState) -> str:
         best = max(s for s in state["scores"] if s is not None)  # None: nobody rated it

@@ -28,7 +28,7 @@ from langchain_moa.data.rows import (
 from langchain_moa.data.runner import CHANGED_REASON, RunSummary, Worker, error_reason, run_rows
 from langchain_moa.data.sft import agenerate, generate
 from langchain_moa.errors import ConfigError, OutputBusy, RunInterrupted, RunStopped
-from langchain_moa.sampling import SAMPLE_TEMPERATURES, sample_candidates, sample_candidates_sync
+from langchain_moa.sampling import SAMPLE_TEMPERATURES, sample_candidates
 
 __all__ = [
     "CHANGED_REASON",
@@ -63,6 +63,5 @@ __all__ = [
     "resolve_input",
     "run_rows",
     "sample_candidates",
-    "sample_candidates_sync",
     "upload_to_hub",
 ]

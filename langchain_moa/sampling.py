@@ -10,8 +10,8 @@ from typing import Any
 from langchain_core.messages import convert_to_messages
 from langchain_core.runnables import RunnableConfig
 
-from langchain_moa import calls
 from langchain_moa.calls import CallResult, ModelCall
+from langchain_moa.steps import Steps, adrive
 
 SAMPLE_TEMPERATURES = (0.6, 1.2)
 """Without a temperature, sample i of n is drawn at one spread evenly over this range."""
@@ -55,6 +55,14 @@ def _answers(results: list[CallResult]) -> list[str]:
     return answers
 
 
+def sample_steps(
+    policy: Any, messages: list[dict[str, Any]], samples: int, temperature: float | None = None
+) -> Steps[list[str]]:
+    """`samples` answers from `policy`, concurrently (non-empty ones only), at `temperature`
+    (default: spread over `SAMPLE_TEMPERATURES`), as steps (`steps.drive` / `adrive`)."""
+    return _answers((yield _sample_calls(policy, messages, samples, temperature)))
+
+
 async def sample_candidates(
     policy: Any,
     messages: list[dict[str, Any]],
@@ -63,19 +71,5 @@ async def sample_candidates(
     *,
     temperature: float | None = None,
 ) -> list[str]:
-    """`samples` answers from `policy`, concurrently (non-empty ones only), at `temperature`
-    (default: spread over `SAMPLE_TEMPERATURES`)."""
-    found = _sample_calls(policy, messages, samples, temperature)
-    return _answers(await calls.arun_all(found, config))
-
-
-def sample_candidates_sync(
-    policy: Any,
-    messages: list[dict[str, Any]],
-    samples: int,
-    config: RunnableConfig | None = None,
-    *,
-    temperature: float | None = None,
-) -> list[str]:
-    """Sync `sample_candidates`: threads, never a fresh event loop per call."""
-    return _answers(calls.run_all(_sample_calls(policy, messages, samples, temperature), config))
+    """`sample_steps` on the async call layer."""
+    return await adrive(sample_steps(policy, messages, samples, temperature), config)
